@@ -1,0 +1,63 @@
+"""Thread-count resolution for the kernels.
+
+``n_threads=None`` resolves at CALL time: ``set_num_threads(n)`` if the user
+called it, else the OpenMP runtime's ``omp_get_max_threads()`` (which follows
+``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits``). Inputs smaller
+than ``SERIAL_THRESHOLD`` elements run on one thread: waking the OpenMP team
+costs more than it saves there (threshold measured with ``python -m bench
+--scenario threshold``).
+"""
+import operator
+
+from . import _runtime
+
+# Below this many elements a single thread is faster (measured: bench).
+SERIAL_THRESHOLD = 32768
+# Sparse kernels: below this many touched elements (rows * dim), one thread.
+SPARSE_SERIAL_THRESHOLD = 16384
+
+_user_threads = None
+
+
+def set_num_threads(n):
+    """Set the default thread count for all fastadam calls (None: reset to OpenMP's)."""
+    global _user_threads
+    if n is None:
+        _user_threads = None
+        return
+    n = operator.index(n)
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    _user_threads = n
+
+
+def get_num_threads():
+    """Threads a call with ``n_threads=None`` uses (for inputs above the serial threshold)."""
+    if _user_threads is not None:
+        return _user_threads
+    return _runtime.omp_max_threads()
+
+
+def resolve(n_threads, work, threshold=SERIAL_THRESHOLD):
+    """Threads for one call over ``work`` elements.
+
+    Each thread gets at least ``threshold`` elements, so small inputs run
+    serially even when many threads are asked for (results do not depend on
+    the thread count, only the speed does).
+    """
+    if n_threads is None:
+        if work < 2 * threshold:
+            return 1
+        n = _user_threads if _user_threads is not None else _runtime.omp_max_threads()
+    else:
+        if type(n_threads) is not int:
+            try:
+                n_threads = operator.index(n_threads)
+            except TypeError:
+                raise TypeError("n_threads must be an int or None, got "
+                                f"{type(n_threads).__name__}") from None
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1 or None, got {n_threads}")
+        n = n_threads
+    cap = work // threshold
+    return n if n <= cap else (cap if cap > 1 else 1)

@@ -1,0 +1,164 @@
+"""Input validation shared by the functional API (layer 2).
+
+Every public call validates ALL of its inputs with these helpers before any
+kernel runs, so a rejected call leaves every buffer bit-identical. Messages
+name the argument, what was expected and what was given.
+"""
+import math
+import operator
+
+import numpy as np
+
+from . import _runtime
+
+F32 = np.dtype(np.float32)
+F64 = np.dtype(np.float64)
+
+
+def describe(a):
+    if isinstance(a, np.ndarray):
+        return f"ndarray(dtype={a.dtype}, shape={a.shape})"
+    return type(a).__name__
+
+
+def float_array(name, a, dtype=None, *, writable=True):
+    """Check ``a`` is a C-contiguous float32/float64 ndarray; return its dtype.
+
+    ``dtype``: the dtype it must have (mixed precision is a TypeError).
+    ``writable``: outputs must be writable; read-only inputs are accepted.
+    """
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, got {describe(a)}")
+    dt = a.dtype
+    if dt is not F32 and dt is not F64:
+        if dt == F32:
+            dt = F32
+        elif dt == F64:
+            dt = F64
+        else:
+            raise TypeError(f"{name} must have dtype float32 or float64 (native byte order), "
+                            f"got {dt}")
+    if dtype is not None and dt is not dtype:
+        raise TypeError(f"{name} has dtype {dt} but the parameter is {dtype}: "
+                        "mixed float32/float64 buffers are not allowed")
+    flags = a.flags
+    if not flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got strides {a.strides} "
+                         f"for shape {a.shape}")
+    if writable and not flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place and must be writable")
+    return dt
+
+
+def same_shape(name, a, ref_name, ref):
+    if a.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {ref.shape}, got {a.shape}")
+
+
+def no_overlap(names, arrays):
+    """Raise ValueError if any two of ``arrays`` share memory (None skipped)."""
+    hit = _runtime.first_overlap(tuple(arrays))
+    if hit is not None:
+        i, j = hit
+        raise ValueError(f"{names[i]} and {names[j]} share memory; outputs must not alias "
+                         "each other or the gradient")
+
+
+def no_overlap_many(entries):
+    """``entries``: list of (name, array). Raise if any two byte ranges overlap.
+
+    O(n log n): sort by start address and compare neighbours.
+    """
+    if len(entries) < 2:
+        return
+    arrays = [a for _, a in entries]
+    lo = np.empty(len(arrays), dtype=np.int64)
+    _runtime.addresses(arrays, lo)
+    nb = np.fromiter((a.nbytes for a in arrays), dtype=np.int64, count=len(arrays))
+    keep = nb > 0
+    idx = np.nonzero(keep)[0]
+    if idx.size < 2:
+        return
+    lo, hi = lo[idx], lo[idx] + nb[idx]
+    order = np.argsort(lo, kind="stable")
+    lo, hi, idx = lo[order], hi[order], idx[order]
+    run_hi = np.maximum.accumulate(hi)
+    bad = np.nonzero(lo[1:] < run_hi[:-1])[0]
+    if bad.size:
+        k = int(bad[0]) + 1
+        j = int(idx[k])
+        i = int(idx[int(np.argmax(hi[:k] > lo[k]))])
+        raise ValueError(f"{entries[i][0]} and {entries[j][0]} share memory; outputs must "
+                         "not alias each other or any gradient")
+
+
+def check_step(step, name="step"):
+    """Return ``step`` as an int >= 1 (ints, integral floats and 0-d arrays accepted)."""
+    if type(step) is int:
+        s = step
+    else:
+        if isinstance(step, bool):
+            raise TypeError(f"{name} must be an integer >= 1, got bool")
+        try:
+            s = operator.index(step)
+        except TypeError:
+            try:
+                f = float(step)
+            except (TypeError, ValueError):
+                raise TypeError(f"{name} must be an integer >= 1, got "
+                                f"{type(step).__name__}") from None
+            if not f.is_integer():
+                raise ValueError(f"{name} must be an integer >= 1, got {f}") from None
+            s = int(f)
+    if s < 1:
+        raise ValueError(f"{name} must be >= 1 (the 1-based count of the update being "
+                         f"applied), got {s}")
+    return s
+
+
+def check_hyper(lr, betas, eps, weight_decay):
+    """Validate hyperparameters; return (lr, beta1, beta2, eps, wd) as floats."""
+    try:
+        lr = float(lr)
+    except (TypeError, ValueError):
+        raise TypeError(f"lr must be a real number, got {type(lr).__name__}") from None
+    if not (lr >= 0.0) or math.isinf(lr):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+    try:
+        b1, b2 = betas
+        b1 = float(b1)
+        b2 = float(b2)
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be a pair of real numbers, got {betas!r}") from None
+    if not (0.0 <= b1 < 1.0):
+        raise ValueError(f"betas[0] must be in [0, 1), got {b1}")
+    if not (0.0 <= b2 < 1.0):
+        raise ValueError(f"betas[1] must be in [0, 1), got {b2}")
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}") from None
+    if not (eps >= 0.0) or math.isinf(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    try:
+        wd = float(weight_decay)
+    except (TypeError, ValueError):
+        raise TypeError("weight_decay must be a real number, got "
+                        f"{type(weight_decay).__name__}") from None
+    if not (wd >= 0.0) or math.isinf(wd):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {wd}")
+    return lr, b1, b2, eps, wd
+
+
+def check_grad_scale(grad_scale):
+    """Return (scaled, value). ``None`` means no loss scaling."""
+    if grad_scale is None:
+        return False, 1.0
+    try:
+        gs = float(grad_scale)
+    except (TypeError, ValueError):
+        raise TypeError("grad_scale must be a real number or None, got "
+                        f"{type(grad_scale).__name__}") from None
+    if not (gs > 0.0) or math.isinf(gs):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {gs}")
+    return True, gs

@@ -1,0 +1,322 @@
+"""Functional API (layer 2): validate, compute the scalars once, dispatch.
+
+Every function validates ALL inputs before any kernel runs (a rejected call
+leaves every buffer bit-identical), computes the per-call scalars in double
+precision, picks the float32/float64 kernel by a dict lookup and calls it
+once. Kernels live in the ISA module chosen at import (``fastadam._dispatch``).
+"""
+import math
+
+import numpy as np
+
+from . import _dispatch, _runtime, _threads
+from ._validate import (F32, F64, check_grad_scale, check_hyper, check_step, float_array,
+                        no_overlap, no_overlap_many, same_shape)
+
+__all__ = ["adam_step", "adamw_step", "adam", "adamw", "grad_norm", "adam_scalars"]
+
+_K = _dispatch.kernels
+_ADAM = {F32: _K.adam32, F64: _K.adam64}
+_ADAM_MULTI = {F32: _K.adam_multi32, F64: _K.adam_multi64}
+_SUMSQ = {F32: _K.sumsq_multi32, F64: _K.sumsq_multi64}
+_NAMES5 = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "grad")
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
+
+
+def adam_scalars(step, lr, beta1, beta2):
+    """Per-step scalars in double: (-step_size, sqrt(bias_correction2)).
+
+    ``bc1 = 1 - beta1**step``, ``bc2 = 1 - beta2**step``,
+    ``step_size = lr / bc1`` -- exactly torch's fused Adam.
+    """
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    return -(lr / bc1), math.sqrt(bc2)
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
+              eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
+              max_exp_avg_sq=None, maximize=False, grad_scale=None, n_threads=None):
+    r"""One fused Adam (or AdamW) step over one buffer, in place.
+
+    Parameters
+    ----------
+    param, exp_avg, exp_avg_sq : ndarray
+        C-contiguous, writable, float32 or float64, all the same dtype and shape.
+        Updated in place.
+    grad : ndarray
+        Same dtype and shape, C-contiguous; may be read-only. Never written.
+    step : int
+        The 1-based count of the update being applied (first call: 1).
+    lr, betas, eps, weight_decay : float
+        As ``torch.optim.Adam``.
+    decoupled_weight_decay : bool
+        False: L2 penalty added to the gradient (Adam). True: AdamW's
+        ``p *= 1 - lr * weight_decay`` before the update.
+    amsgrad : bool
+        Use the running maximum of ``exp_avg_sq``, kept in ``max_exp_avg_sq``.
+    maximize : bool
+        Ascend instead of descend.
+    grad_scale : float, optional
+        Loss scale: the gradient is divided by it inside the same pass.
+    n_threads : int, optional
+        Threads; ``None`` resolves at call time (``set_num_threads``,
+        ``OMP_NUM_THREADS``, ``threadpoolctl``). Small inputs run serially.
+
+    Notes
+    -----
+    With t = ``step``, ``bc1 = 1 - b1**t``, ``bc2 = 1 - b2**t``, per element::
+
+        g = -g if maximize;  g = g / grad_scale
+        p = p * (1 - lr*wd)                  (decoupled)   | g = g + wd*p  (L2)
+        m = m + (1-b1) * (g - m)
+        v = b2 * v + (1-b2) * g*g
+        vmax = max(vmax, v) (amsgrad)
+        p = p - (lr/bc1) * m / (sqrt(v or vmax) / sqrt(bc2) + eps)
+
+    rounded exactly like ``torch.optim.Adam(fused=True)`` (see DESIGN.md):
+    the result is bitwise identical for every thread count and ISA module.
+    Note that ``eps`` is added after dividing by ``sqrt(bc2)`` (torch's
+    placement), unlike ``sparse_adam_step``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam as fa
+    >>> p = np.ones(4, np.float32); g = np.full(4, 0.5, np.float32)
+    >>> m = np.zeros_like(p); v = np.zeros_like(p)
+    >>> fa.adam_step(p, g, m, v, step=1, lr=0.1)
+    >>> p
+    array([0.9, 0.9, 0.9, 0.9], dtype=float32)
+    """
+    dt = float_array("param", param)
+    float_array("grad", grad, dt, writable=False)
+    float_array("exp_avg", exp_avg, dt)
+    float_array("exp_avg_sq", exp_avg_sq, dt)
+    shape = param.shape
+    if grad.shape != shape:
+        same_shape("grad", grad, "param", param)
+    if exp_avg.shape != shape:
+        same_shape("exp_avg", exp_avg, "param", param)
+    if exp_avg_sq.shape != shape:
+        same_shape("exp_avg_sq", exp_avg_sq, "param", param)
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError("amsgrad=True needs max_exp_avg_sq (a buffer like exp_avg_sq)")
+        float_array("max_exp_avg_sq", max_exp_avg_sq, dt)
+        if max_exp_avg_sq.shape != shape:
+            same_shape("max_exp_avg_sq", max_exp_avg_sq, "param", param)
+    else:
+        max_exp_avg_sq = None
+    if _runtime.first_overlap((param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad)) is not None:
+        no_overlap(_NAMES5, (param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad))
+    step = check_step(step)
+    lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
+    scaled, gs = check_grad_scale(grad_scale)
+    nt = _threads.resolve(n_threads, param.size)
+    nss, bc2s = adam_scalars(step, lr, b1, b2)
+    if decoupled_weight_decay:
+        decay, l2 = 1.0 - lr * wd, False
+    else:
+        decay, l2 = 1.0, wd != 0.0
+    _ADAM[dt](param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, nss, bc2s,
+              -1.0 if maximize else 1.0, gs, decay, wd, 1.0 - b1, 1.0 - b2, b2, eps,
+              l2, scaled, nt)
+
+
+def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
+               eps=1e-8, weight_decay=1e-2, amsgrad=False, max_exp_avg_sq=None,
+               maximize=False, grad_scale=None, n_threads=None):
+    """AdamW: ``adam_step`` with decoupled weight decay (default ``weight_decay=1e-2``).
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam as fa
+    >>> p = np.ones(3); g = np.ones(3); m = np.zeros(3); v = np.zeros(3)
+    >>> fa.adamw_step(p, g, m, v, step=1, lr=0.1, weight_decay=0.1)
+    >>> np.round(p, 6)
+    array([0.89, 0.89, 0.89])
+    """
+    adam_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
+              weight_decay=weight_decay, decoupled_weight_decay=True, amsgrad=amsgrad,
+              max_exp_avg_sq=max_exp_avg_sq, maximize=maximize, grad_scale=grad_scale,
+              n_threads=n_threads)
+
+
+def _as_list(name, x, n=None):
+    if isinstance(x, np.ndarray) or not isinstance(x, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of numpy arrays, got {type(x).__name__}")
+    if n is not None and len(x) != n:
+        raise ValueError(f"{name} must have {n} entries (one per param), got {len(x)}")
+    return list(x)
+
+
+def adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.999),
+         eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
+         max_exp_avg_sqs=None, maximize=False, grad_scale=None, n_threads=None):
+    """Step a list of arrays of any lengths in ONE native call (per dtype).
+
+    Same update as :func:`adam_step`, applied to ``params[i]`` with
+    ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_sqs[i]`` (and
+    ``max_exp_avg_sqs[i]`` with amsgrad). ``steps`` is one int for all
+    arrays or a list of one int per array (torch keeps a step per parameter).
+    The total work is split across threads in chunks that ignore array
+    boundaries, so hundreds of small tensors still use every core.
+    Arrays of both float32 and float64 may be mixed across entries (one call
+    per dtype); within an entry all buffers share the param's dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam as fa
+    >>> ps = [np.ones(3, np.float32), np.ones(5, np.float32)]
+    >>> gs = [np.ones_like(p) for p in ps]
+    >>> ms = [np.zeros_like(p) for p in ps]; vs = [np.zeros_like(p) for p in ps]
+    >>> fa.functional.adam(ps, gs, ms, vs, steps=1, lr=0.5)
+    >>> float(ps[1][0])
+    0.5
+    """
+    params = _as_list("params", params)
+    n = len(params)
+    grads = _as_list("grads", grads, n)
+    exp_avgs = _as_list("exp_avgs", exp_avgs, n)
+    exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs, n)
+    if amsgrad:
+        if max_exp_avg_sqs is None:
+            raise ValueError("amsgrad=True needs max_exp_avg_sqs (one buffer per param)")
+        vmaxs = _as_list("max_exp_avg_sqs", max_exp_avg_sqs, n)
+    else:
+        vmaxs = None
+    if isinstance(steps, (list, tuple, np.ndarray)):
+        if len(steps) != n:
+            raise ValueError(f"steps must be one int or {n} ints (one per param), got {len(steps)}")
+        step_list = [check_step(s, f"steps[{i}]") for i, s in enumerate(steps)]
+    else:
+        step_list = [check_step(steps, "steps")] * n
+    lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
+    scaled, gs = check_grad_scale(grad_scale)
+    groups = {}
+    entries = []
+    for i in range(n):
+        p = params[i]
+        dt = float_array(f"params[{i}]", p)
+        float_array(f"grads[{i}]", grads[i], dt, writable=False)
+        float_array(f"exp_avgs[{i}]", exp_avgs[i], dt)
+        float_array(f"exp_avg_sqs[{i}]", exp_avg_sqs[i], dt)
+        same_shape(f"grads[{i}]", grads[i], f"params[{i}]", p)
+        same_shape(f"exp_avgs[{i}]", exp_avgs[i], f"params[{i}]", p)
+        same_shape(f"exp_avg_sqs[{i}]", exp_avg_sqs[i], f"params[{i}]", p)
+        entries += [(f"params[{i}]", p), (f"exp_avgs[{i}]", exp_avgs[i]),
+                    (f"exp_avg_sqs[{i}]", exp_avg_sqs[i])]
+        if vmaxs is not None:
+            float_array(f"max_exp_avg_sqs[{i}]", vmaxs[i], dt)
+            same_shape(f"max_exp_avg_sqs[{i}]", vmaxs[i], f"params[{i}]", p)
+            entries.append((f"max_exp_avg_sqs[{i}]", vmaxs[i]))
+        groups.setdefault(dt, []).append(i)
+    _check_grads_vs_outputs(entries, grads)
+    nt_arg = n_threads
+    _threads.resolve(nt_arg, 0)  # validate n_threads before any write
+    if decoupled_weight_decay:
+        decay, l2 = 1.0 - lr * wd, False
+    else:
+        decay, l2 = 1.0, wd != 0.0
+    scal = {}
+    for dt, idx in groups.items():
+        k = len(idx)
+        sizes = np.fromiter((params[i].size for i in idx), dtype=np.int64, count=k)
+        offsets = np.zeros(k + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        nss = np.empty(k)
+        bc2s = np.empty(k)
+        for j, i in enumerate(idx):
+            s = step_list[i]
+            if s not in scal:
+                scal[s] = adam_scalars(s, lr, b1, b2)
+            nss[j], bc2s[j] = scal[s]
+        ptrs = [_pointers([params[i] for i in idx]), _pointers([grads[i] for i in idx]),
+                _pointers([exp_avgs[i] for i in idx]), _pointers([exp_avg_sqs[i] for i in idx]),
+                _pointers([vmaxs[i] for i in idx]) if vmaxs is not None else _EMPTY_I64]
+        nt = _threads.resolve(nt_arg, int(offsets[-1]))
+        _ADAM_MULTI[dt](*ptrs, offsets, nss, bc2s, -1.0 if maximize else 1.0, gs, decay, wd,
+                        1.0 - b1, 1.0 - b2, b2, eps, l2, scaled, nt)
+
+
+def adamw(params, grads, exp_avgs, exp_avg_sqs, *, steps, weight_decay=1e-2, **kwargs):
+    """AdamW over lists: :func:`adam` with ``decoupled_weight_decay=True``."""
+    adam(params, grads, exp_avgs, exp_avg_sqs, steps=steps, weight_decay=weight_decay,
+         decoupled_weight_decay=True, **kwargs)
+
+
+def _pointers(arrays):
+    out = np.empty(len(arrays), dtype=np.int64)
+    _runtime.addresses(arrays, out)
+    return out
+
+
+def _check_grads_vs_outputs(entries, grads):
+    """Outputs must not overlap each other; no grad may overlap an output.
+
+    Grads may overlap other grads (they are only read).
+    """
+    no_overlap_many(entries)
+    if not entries:
+        return
+    outs = [a for _, a in entries]
+    lo = _pointers(outs)
+    hi = lo + np.fromiter((a.nbytes for a in outs), dtype=np.int64, count=len(outs))
+    order = np.argsort(lo)
+    lo, hi = lo[order], hi[order]
+    for i, g in enumerate(grads):
+        if g.nbytes == 0:
+            continue
+        glo = int(_pointers([g])[0])
+        ghi = glo + g.nbytes
+        k = int(np.searchsorted(lo, ghi, side="left"))  # outputs starting before ghi
+        if k > 0:
+            # candidates: outputs with lo < ghi; overlap if their hi > glo
+            cand = np.nonzero(hi[:k] > glo)[0]
+            cand = cand[hi[cand] > lo[cand]]
+            if cand.size:
+                name = entries[int(order[int(cand[0])])][0]
+                raise ValueError(f"grads[{i}] and {name} share memory; outputs must not "
+                                 "alias each other or any gradient")
+
+
+def grad_norm(grads, *, n_threads=None):
+    """L2 norm of all gradients together, in one threaded pass.
+
+    Accumulates in double over fixed blocks (bitwise identical for any thread
+    count and ISA module). Returns ``inf`` or ``nan`` when any element is
+    non-finite, so AMP skip-on-overflow and gradient clipping need no extra
+    numpy pass. Accepts one array or a list of float32/float64 arrays (may
+    be read-only, must be C-contiguous).
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam as fa
+    >>> fa.grad_norm([np.array([3.0, 0.0]), np.array([4.0], np.float32)])
+    5.0
+    """
+    if isinstance(grads, np.ndarray):
+        grads = [grads]
+    grads = _as_list("grads", grads)
+    groups = {}
+    for i, g in enumerate(grads):
+        dt = float_array(f"grads[{i}]", g, writable=False)
+        groups.setdefault(dt, []).append(g)
+    _threads.resolve(n_threads, 0)
+    total = 0.0
+    for dt in (F32, F64):
+        gs = groups.get(dt)
+        if not gs:
+            continue
+        offsets = np.zeros(len(gs) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter((g.size for g in gs), dtype=np.int64, count=len(gs)),
+                  out=offsets[1:])
+        nt = _threads.resolve(n_threads, int(offsets[-1]))
+        total += _SUMSQ[dt](_pointers(gs), offsets, nt)
+    if math.isinf(total):
+        # Squares overflowed double (|g| > 1e154) or an element is inf: rescale.
+        amax = max((float(np.max(np.abs(g))) for g in grads if g.size), default=0.0)
+        if math.isfinite(amax) and amax > 0.0:
+            return amax * math.sqrt(sum(float(np.sum(np.square(g / amax, dtype=np.float64)))
+                                        for g in grads))
+    return math.sqrt(total)

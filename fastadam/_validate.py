@@ -97,8 +97,8 @@ def check_step(step, name="step"):
     if type(step) is int:
         s = step
     else:
-        if isinstance(step, bool):
-            raise TypeError(f"{name} must be an integer >= 1, got bool")
+        if isinstance(step, (bool, str, bytes)):
+            raise TypeError(f"{name} must be an integer >= 1, got {type(step).__name__}")
         try:
             s = operator.index(step)
         except TypeError:
@@ -118,6 +118,8 @@ def check_step(step, name="step"):
 
 def check_hyper(lr, betas, eps, weight_decay):
     """Validate hyperparameters; return (lr, beta1, beta2, eps, wd) as floats."""
+    if isinstance(lr, (str, bytes)):
+        raise TypeError(f"lr must be a real number, got {type(lr).__name__}")
     try:
         lr = float(lr)
     except (TypeError, ValueError):

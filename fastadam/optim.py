@@ -43,7 +43,7 @@ class Adam:
     >>> w = np.zeros(3, np.float32)
     >>> opt = fa.Adam([w], lr=0.1)
     >>> opt.step([np.ones(3, np.float32)])
-    >>> w
+    >>> w.round(6)
     array([-0.1, -0.1, -0.1], dtype=float32)
     >>> opt.state_dict()["state"][0]["step"]
     1

@@ -1,0 +1,81 @@
+"""Shared helpers for the fastadam test suite."""
+import importlib
+
+import numpy as np
+import pytest
+
+import fastadam
+from fastadam import _dispatch
+
+DTYPES = [np.float32, np.float64]
+SIZES = [0, 1, 7, 15, 16, 17, 1000, 2**20 + 3]
+THREADS = [1, 2]
+
+
+def importable_isas():
+    """ISA kernel modules built AND runnable on this CPU (baseline first)."""
+    return _dispatch.available_modules()
+
+
+def isa_module(isa):
+    return importlib.import_module(f"fastadam._kernels_{isa}")
+
+
+def make_state(n, dtype, seed=0, shape=None):
+    """Random (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) of ``n`` elements."""
+    rng = np.random.default_rng(seed)
+    shape = (n,) if shape is None else shape
+    p = rng.standard_normal(shape).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    m = (0.1 * rng.standard_normal(shape)).astype(dtype)
+    v = (0.01 * rng.random(shape)).astype(dtype)
+    vm = (v + 0.01 * rng.random(shape)).astype(dtype)
+    return p, g, m, v, vm
+
+
+def copies(arrays):
+    return [None if a is None else a.copy() for a in arrays]
+
+
+def assert_bitwise(actual, expected, what=""):
+    """Equal bit for bit (NaN payloads included)."""
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if a is None and e is None:
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape, what
+        ai = a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
+        ei = e.view(np.uint32 if e.dtype == np.float32 else np.uint64)
+        if not np.array_equal(ai, ei):
+            bad = np.flatnonzero(ai.ravel() != ei.ravel())
+            j = bad[0]
+            raise AssertionError(f"{what} buffer {i}: {bad.size} elements differ, first at "
+                                 f"{j}: {a.ravel()[j]!r} != {e.ravel()[j]!r}")
+
+
+def assert_close(actual, expected, dtype, ulps=None):
+    """Close to a few ulp of the buffer's scale.
+
+    The float64 reference has no true fma (numpy rounds a*b and then +c), so
+    after cancellation it differs by tens of ulp of the buffer's scale; any
+    semantic error is orders of magnitude larger.
+    """
+    eps = np.finfo(dtype).eps
+    if ulps is None:
+        ulps = 8 if dtype == np.float32 else 128
+    for a, e in zip(actual, expected):
+        if a is None:
+            continue
+        scale = np.abs(e) + np.max(np.abs(e), initial=0.0) * 0.05
+        err = np.abs(a.astype(np.float64) - e.astype(np.float64))
+        assert np.all(err <= ulps * eps * scale), float(np.max(err / np.maximum(scale, 1e-300)))
+
+
+@pytest.fixture(params=DTYPES, ids=["f32", "f64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def restore_threads():
+    yield
+    fastadam.set_num_threads(None)

@@ -1,0 +1,168 @@
+"""Every rejected call raises a clear error naming the argument and writes nothing."""
+import numpy as np
+import pytest
+
+import fastadam as fa
+
+from conftest import assert_bitwise, copies, make_state
+
+N = 64
+
+
+def _bufs(dtype=np.float32):
+    p, g, m, v, vm = make_state(N, dtype)
+    return {"param": p, "grad": g, "exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vm}
+
+
+def _call(b, **kw):
+    args = dict(step=1)
+    args.update(kw)
+    fa.adam_step(b["param"], b["grad"], b["exp_avg"], b["exp_avg_sq"],
+                 max_exp_avg_sq=b["max_exp_avg_sq"], **args)
+
+
+def _replace(name, value_fn):
+    def make():
+        b = _bufs()
+        b[name] = value_fn(b[name])
+        return b
+    return make
+
+
+def _readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+BUF_CASES = [
+    # (id, make buffers, kwargs, exception, message fragment)
+    ("int-param", _replace("param", lambda a: a.astype(np.int32)), {}, TypeError, "param"),
+    ("list-grad", _replace("grad", lambda a: a.tolist()), {}, TypeError, "grad"),
+    ("f16-grad", _replace("grad", lambda a: a.astype(np.float16)), {}, TypeError, "grad"),
+    ("mixed-grad", _replace("grad", lambda a: a.astype(np.float64)), {}, TypeError, "mixed"),
+    ("mixed-exp_avg", _replace("exp_avg", lambda a: a.astype(np.float64)), {}, TypeError,
+     "exp_avg"),
+    ("byteswapped", _replace("exp_avg_sq", lambda a: a.astype(">f4")), {}, TypeError,
+     "exp_avg_sq"),
+    ("shape-grad", _replace("grad", lambda a: a[:-1].copy()), {}, ValueError, "grad"),
+    ("shape-exp_avg_sq", _replace("exp_avg_sq", lambda a: a.reshape(8, 8).copy()), {},
+     ValueError, "exp_avg_sq"),
+    ("noncontig-exp_avg", _replace("exp_avg", lambda a: np.repeat(a, 2)[::2]), {}, ValueError,
+     "C-contiguous"),
+    ("noncontig-grad", _replace("grad", lambda a: np.repeat(a, 2)[::2]), {}, ValueError,
+     "grad"),
+    ("readonly-param", _replace("param", _readonly), {}, ValueError, "param is read-only"),
+    ("readonly-vmax", _replace("max_exp_avg_sq", _readonly), {"amsgrad": True}, ValueError,
+     "max_exp_avg_sq"),
+    ("alias-m-v", lambda: (lambda b: b.update(exp_avg_sq=b["exp_avg"]) or b)(_bufs()), {},
+     ValueError, "share memory"),
+    ("alias-grad-param", lambda: (lambda b: b.update(grad=b["param"]) or b)(_bufs()), {},
+     ValueError, "share memory"),
+    ("partial-overlap", lambda: (lambda b, big: b.update(exp_avg=big[:N], exp_avg_sq=big[N // 2:N // 2 + N]) or b)(
+        _bufs(), np.zeros(2 * N, np.float32)), {}, ValueError, "share memory"),
+    ("ams-no-buffer", _replace("max_exp_avg_sq", lambda a: None), {"amsgrad": True},
+     ValueError, "max_exp_avg_sq"),
+]
+
+HYPER_CASES = [
+    ("lr<0", {"lr": -1e-3}, ValueError, "lr"),
+    ("lr-nan", {"lr": float("nan")}, ValueError, "lr"),
+    ("lr-str", {"lr": "x"}, TypeError, "lr"),
+    ("beta1=1", {"betas": (1.0, 0.999)}, ValueError, "betas[0]"),
+    ("beta2<0", {"betas": (0.9, -0.1)}, ValueError, "betas[1]"),
+    ("betas-short", {"betas": (0.9,)}, TypeError, "betas"),
+    ("eps<0", {"eps": -1.0}, ValueError, "eps"),
+    ("wd<0", {"weight_decay": -0.1}, ValueError, "weight_decay"),
+    ("step=0", {"step": 0}, ValueError, "step"),
+    ("step-frac", {"step": 1.5}, ValueError, "step"),
+    ("step-str", {"step": "1"}, TypeError, "step"),
+    ("grad_scale=0", {"grad_scale": 0.0}, ValueError, "grad_scale"),
+    ("grad_scale-inf", {"grad_scale": float("inf")}, ValueError, "grad_scale"),
+    ("n_threads=0", {"n_threads": 0}, ValueError, "n_threads"),
+    ("n_threads-float", {"n_threads": 1.5}, TypeError, "n_threads"),
+]
+
+
+@pytest.mark.parametrize("case", BUF_CASES, ids=[c[0] for c in BUF_CASES])
+def test_bad_buffers_write_nothing(case):
+    _, make, kw, exc, frag = case
+    b = make()
+    before = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in b.items()}
+    with pytest.raises(exc, match=None) as info:
+        _call(b, **kw)
+    assert frag in str(info.value)
+    for k, v in b.items():
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.dtype.isnative:
+            assert_bitwise([v], [before[k]], k)
+        elif isinstance(v, np.ndarray):
+            assert np.array_equal(v, before[k])
+
+
+@pytest.mark.parametrize("case", HYPER_CASES, ids=[c[0] for c in HYPER_CASES])
+def test_bad_hyperparameters_write_nothing(case):
+    _, kw, exc, frag = case
+    b = _bufs()
+    before = copies(list(b.values()))
+    with pytest.raises(exc) as info:
+        _call(b, n_threads=kw.pop("n_threads", None), **kw)
+    assert frag in str(info.value)
+    assert_bitwise(list(b.values()), before)
+
+
+def _lists(k=3):
+    bufs = [make_state(n, np.float32, seed=n) for n in (5, 70000, 9)[:k]]
+    return [list(x) for x in zip(*bufs)]
+
+
+@pytest.mark.parametrize("bad", ["len", "dtype", "alias-out", "alias-grad", "steps", "shape",
+                                 "readonly", "not-list", "ams"])
+def test_multi_array_rejects_before_any_write(bad):
+    ps, gs, ms, vs, vms = _lists()
+    kw = {"steps": [1, 2, 3]}
+    if bad == "len":
+        gs = gs[:2]
+    elif bad == "dtype":
+        vs[2] = vs[2].astype(np.float64)
+    elif bad == "alias-out":
+        ms[2] = ps[0]
+    elif bad == "alias-grad":
+        gs[0] = vs[1][:5]
+    elif bad == "steps":
+        kw["steps"] = [1, 0, 2]
+    elif bad == "shape":
+        gs[2] = gs[2][:-1].copy()
+    elif bad == "readonly":
+        ps[2].flags.writeable = False
+    elif bad == "not-list":
+        ps = np.stack([ps[0], ps[0]])
+    elif bad == "ams":
+        kw["amsgrad"] = True
+    everything = [a for lst in (ps, gs, ms, vs, vms) for a in (lst if isinstance(lst, list) else [lst])]
+    before = copies(everything)
+    with pytest.raises((TypeError, ValueError)) as info:
+        fa.functional.adam(ps, gs, ms, vs, **kw)
+    assert any(w in str(info.value) for w in ("params", "grads", "exp_avg", "steps", "max_exp"))
+    assert_bitwise(everything, before)
+
+
+def test_grad_norm_rejects_bad_input():
+    with pytest.raises(TypeError, match="grads\\[1\\]"):
+        fa.grad_norm([np.ones(3), np.ones(3, np.int64)])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fa.grad_norm([np.ones((4, 4))[:, 0]])
+
+
+def test_optimizer_step_rejects_before_any_write():
+    ps = [np.ones(5, np.float32), np.ones(7, np.float32)]
+    opt = fa.Adam(ps, lr=0.1)
+    opt.step([np.ones(5, np.float32), np.ones(7, np.float32)])
+    before = copies(ps)
+    with pytest.raises(ValueError, match="grads\\[1\\]"):
+        opt.step([np.ones(5, np.float32), np.ones(6, np.float32)])
+    with pytest.raises(TypeError, match="grads\\[0\\]"):
+        opt.step([np.ones(5, np.float64), np.ones(7, np.float32)])
+    with pytest.raises(ValueError, match="2 entries"):
+        opt.step([np.ones(5, np.float32)])
+    assert_bitwise(ps, before)
+    assert opt.state_dict()["state"][0]["step"] == 1

@@ -1,0 +1,188 @@
+"""Dense Adam/AdamW kernels vs the numpy reference, across threads, builds and torch."""
+import itertools
+
+import numpy as np
+import pytest
+
+import fastadam as fa
+from fastadam import _reference as ref
+from fastadam.functional import adam_scalars
+
+from conftest import (DTYPES, SIZES, THREADS, assert_bitwise, assert_close, copies,
+                      importable_isas, isa_module, make_state)
+
+# (weight_decay, decoupled, amsgrad, maximize, grad_scale)
+OPTIONS = list(itertools.product([0.0, 0.05], [False, True], [False, True], [False, True],
+                                 [None, 128.0]))
+OPTIONS = [o for o in OPTIONS if not (o[0] == 0.0 and o[1])]  # decoupled needs wd to matter
+
+
+def _opt_id(o):
+    wd, dec, ams, mx, gs = o
+    return (("adamw" if dec else ("l2" if wd else "plain")) + ("-ams" if ams else "")
+            + ("-max" if mx else "") + ("-gs" if gs else ""))
+
+
+def _kw(o, lr=1e-2):
+    wd, dec, ams, mx, gs = o
+    return dict(lr=lr, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd,
+                decoupled_weight_decay=dec, amsgrad=ams, maximize=mx, grad_scale=gs)
+
+
+def _steps(bufs, kw, nsteps, n_threads, seed=1):
+    p, g, m, v, vm = bufs
+    rng = np.random.default_rng(seed)
+    for t in range(1, nsteps + 1):
+        g[...] = rng.standard_normal(g.shape).astype(g.dtype)
+        fa.adam_step(p, g, m, v, step=t, max_exp_avg_sq=vm if kw["amsgrad"] else None,
+                     n_threads=n_threads, **kw)
+
+
+def _ref_steps(bufs, kw, nsteps, seed=1):
+    p, g, m, v, vm = bufs
+    rng = np.random.default_rng(seed)
+    for t in range(1, nsteps + 1):
+        g[...] = rng.standard_normal(g.shape).astype(g.dtype)
+        ref.adam(p, g, m, v, step=t, max_exp_avg_sq=vm, **kw)
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=_opt_id)
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("n", SIZES)
+def test_matches_reference(dtype, n, n_threads, opt):
+    if n == SIZES[-1] and (opt[3] or opt[4] is None) and opt != OPTIONS[0]:
+        pytest.skip("large size: covered for a subset of options to keep CI fast")
+    bufs = make_state(n, dtype)
+    expect = copies(bufs)
+    kw = _kw(opt)
+    _steps(bufs, kw, 3, n_threads)
+    _ref_steps(expect, kw, 3)
+    p, _, m, v, vm = bufs
+    assert_close([p, m, v, vm if opt[2] else None], [expect[0], expect[2], expect[3],
+                                                     expect[4] if opt[2] else None], dtype)
+    if n:
+        assert not np.array_equal(p, make_state(n, dtype)[0])  # it did move
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=_opt_id)
+def test_threads_bitwise(dtype, opt):
+    n = 2**20 + 3
+    a = make_state(n, dtype)
+    b = copies(a)
+    kw = _kw(opt)
+    _steps(a, kw, 2, n_threads=1)
+    _steps(b, kw, 2, n_threads=2)
+    assert_bitwise(a, b, "1 vs 2 threads")
+
+
+def _kernel_args(bufs, kw, step):
+    p, g, m, v, vm = bufs
+    b1, b2 = kw["betas"]
+    nss, bc2s = adam_scalars(step, kw["lr"], b1, b2)
+    wd = kw["weight_decay"]
+    dec = kw["decoupled_weight_decay"]
+    return (p, g, m, v, vm if kw["amsgrad"] else None, nss, bc2s,
+            -1.0 if kw["maximize"] else 1.0, kw["grad_scale"] or 1.0,
+            1.0 - kw["lr"] * wd if dec else 1.0, wd, 1.0 - b1, 1.0 - b2, b2, kw["eps"],
+            (wd != 0.0) and not dec, kw["grad_scale"] is not None)
+
+
+@pytest.mark.parametrize("n", [17, 1000, 2**17 + 5])
+@pytest.mark.parametrize("opt", OPTIONS, ids=_opt_id)
+def test_isa_modules_bitwise(dtype, n, opt):
+    """Every ISA module gives the same bits as the baseline (and for 1 and 2 threads)."""
+    isas = importable_isas()
+    kw = _kw(opt)
+    results = []
+    for isa in isas:
+        K = isa_module(isa)
+        fn = K.adam32 if dtype == np.float32 else K.adam64
+        for nt in (1, 2):
+            bufs = make_state(n, dtype)
+            for t in (1, 2):
+                fn(*_kernel_args(bufs, kw, t), nt)
+            results.append((isa, nt, bufs))
+    for isa, nt, bufs in results[1:]:
+        assert_bitwise(bufs, results[0][2], f"{isa} x{nt} vs {results[0][0]}")
+
+
+def test_multi_array_equals_single_calls(dtype):
+    sizes = [0, 1, 15, 16, 17, 1000, 70000, 3, 2**17 + 1]
+    rng = np.random.default_rng(5)
+    steps = [int(s) for s in rng.integers(1, 50, len(sizes))]
+    for opt in [OPTIONS[0], (0.05, False, True, True, 8.0), (0.05, True, False, False, None)]:
+        kw = _kw(opt)
+        single = [make_state(n, dtype, seed=i) for i, n in enumerate(sizes)]
+        multi = [copies(b) for b in single]
+        for b, s in zip(single, steps):
+            fa.adam_step(b[0], b[1], b[2], b[3], step=s,
+                         max_exp_avg_sq=b[4] if opt[2] else None, n_threads=1, **kw)
+        for nt in (1, 2):
+            bufs = [copies(b) for b in multi]
+            fa.functional.adam([b[0] for b in bufs], [b[1] for b in bufs],
+                               [b[2] for b in bufs], [b[3] for b in bufs], steps=steps,
+                               max_exp_avg_sqs=[b[4] for b in bufs] if opt[2] else None,
+                               n_threads=nt, **kw)
+            for b, e in zip(bufs, single):
+                assert_bitwise(b, e, f"multi x{nt} vs single")
+
+
+def test_multi_array_mixed_dtypes():
+    a32 = make_state(100, np.float32)
+    a64 = make_state(50, np.float64, seed=3)
+    e32, e64 = copies(a32), copies(a64)
+    fa.functional.adam([a32[0], a64[0]], [a32[1], a64[1]], [a32[2], a64[2]],
+                       [a32[3], a64[3]], steps=[2, 4], lr=0.1)
+    fa.adam_step(*e32[:4], step=2, lr=0.1)
+    fa.adam_step(*e64[:4], step=4, lr=0.1)
+    assert_bitwise(a32, e32)
+    assert_bitwise(a64, e64)
+
+
+def test_multidim_and_readonly_grad(dtype):
+    p, g, m, v, _ = make_state(0, dtype, shape=(4, 5, 6))
+    e = copies([p, g, m, v])
+    g.flags.writeable = False
+    fa.adamw_step(p, g, m, v, step=1)
+    ref.adamw(e[0], e[1], e[2], e[3], step=1)
+    assert_close([p, m, v], [e[0], e[2], e[3]], dtype)
+
+
+def test_adamw_defaults_and_example():
+    p = np.ones(3)
+    fa.adamw_step(p, np.ones(3), np.zeros(3), np.zeros(3), step=1, lr=0.1)
+    # decay first: 1 * (1 - 0.1*0.01) = 0.999, then the Adam step of size lr
+    np.testing.assert_allclose(p, 0.999 - 0.1 / (1 + 1e-8), rtol=1e-12)
+
+
+def test_grad_norm(dtype):
+    gs = [make_state(n, dtype, seed=n)[1] for n in (0, 1, 17, 70000, 2**20 + 3)]
+    expect = ref.grad_norm(gs)
+    got1 = fa.grad_norm(gs, n_threads=1)
+    got2 = fa.grad_norm(gs, n_threads=2)
+    assert got1 == got2  # bitwise for any thread count
+    assert got1 == pytest.approx(expect, rel=1e-12)
+    for isa in importable_isas():
+        K = isa_module(isa)
+        fn = K.sumsq_multi32 if dtype == np.float32 else K.sumsq_multi64
+        offsets = np.concatenate([[0], np.cumsum([g.size for g in gs])]).astype(np.int64)
+        ptrs = np.array([g.ctypes.data for g in gs], dtype=np.int64)
+        assert np.sqrt(fn(ptrs, offsets, 2)) == got1, isa
+    bad = gs[3].copy()
+    bad[123] = np.inf
+    assert fa.grad_norm([gs[1], bad]) == np.inf
+    bad[7] = np.nan
+    assert np.isnan(fa.grad_norm([bad]))
+    assert fa.grad_norm([]) == 0.0
+    assert fa.grad_norm(np.array([3.0, 4.0])) == 5.0
+
+
+def test_grad_norm_fp64_overflow_rescales():
+    g = np.full(4, 1e200)
+    assert fa.grad_norm([g]) == pytest.approx(2e200, rel=1e-12)
+
+
+def test_empty_is_noop(dtype):
+    p, g, m, v, vm = make_state(0, dtype)
+    fa.adam_step(p, g, m, v, step=1, amsgrad=True, max_exp_avg_sq=vm)
+    fa.functional.adam([], [], [], [], steps=1)

@@ -1,0 +1,119 @@
+"""Parity with torch.optim.Adam/AdamW: bitwise vs fused=True, trajectories vs foreach=False.
+
+torch is installed in CI (.ci/run pins torch==2.13.0): these tests run there.
+"""
+import numpy as np
+import pytest
+
+import fastadam as fa
+
+from conftest import assert_bitwise, make_state
+
+torch = pytest.importorskip("torch")
+
+# (weight_decay, decoupled, amsgrad, maximize)
+OPTIONS = [(0.0, False, False, False), (0.1, False, False, False), (0.1, True, False, False),
+           (0.0, False, True, False), (0.0, False, False, True), (0.1, False, True, True),
+           (0.1, True, True, True)]
+
+
+def _torch_opt(tp, opt, lr, **extra):
+    wd, dec, ams, mx = opt
+    cls = torch.optim.AdamW if dec else torch.optim.Adam
+    return cls([tp], lr=lr, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd, amsgrad=ams,
+               maximize=mx, **extra)
+
+
+@pytest.mark.parametrize("opt", OPTIONS)
+@pytest.mark.parametrize("n", [16, 1024, 2**17])
+def test_bitwise_equal_to_torch_fused(dtype, n, opt):
+    """Lengths a multiple of 16 (torch's own scalar tail does not run there)."""
+    wd, dec, ams, mx = opt
+    p, _, m, v, vm = make_state(n, dtype)
+    m[...] = 0
+    v[...] = 0
+    vm[...] = 0
+    tp = torch.from_numpy(p.copy())
+    topt = _torch_opt(tp, opt, 1e-2, fused=True)
+    rng = np.random.default_rng(7)
+    for t in range(1, 21):
+        g = rng.standard_normal(n).astype(dtype)
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        fa.adam_step(p, g, m, v, step=t, lr=1e-2, betas=(0.9, 0.99), eps=1e-6,
+                     weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams,
+                     max_exp_avg_sq=vm if ams else None, maximize=mx)
+    st = topt.state[tp]
+    assert_bitwise([p, m, v], [tp.numpy(), st["exp_avg"].numpy(), st["exp_avg_sq"].numpy()],
+                   "fastadam vs torch fused")
+    if ams:
+        assert_bitwise([vm], [st["max_exp_avg_sq"].numpy()])
+
+
+@pytest.mark.parametrize("opt", OPTIONS)
+def test_grad_scale_bitwise_equal_to_torch_fused(dtype, opt):
+    """torch fused divides grads by grad_scale inside the kernel, as fastadam does."""
+    wd, dec, ams, mx = opt
+    n = 4096
+    p = make_state(n, dtype)[0]
+    m, v, vm = np.zeros(n, dtype), np.zeros(n, dtype), np.zeros(n, dtype)
+    tp = torch.from_numpy(p.copy())
+    topt = _torch_opt(tp, opt, 1e-2, fused=True)
+    scale = 1024.0
+    rng = np.random.default_rng(3)
+    for t in range(1, 6):
+        g = (rng.standard_normal(n) * scale).astype(dtype)
+        tp.grad = torch.from_numpy(g.copy())
+        topt.grad_scale = torch.tensor(scale, dtype=torch.float32)
+        topt.found_inf = torch.tensor(0.0, dtype=torch.float32)
+        topt.step()
+        fa.adam_step(p, g, m, v, step=t, lr=1e-2, betas=(0.9, 0.99), eps=1e-6,
+                     weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams,
+                     max_exp_avg_sq=vm if ams else None, maximize=mx, grad_scale=scale)
+    assert_bitwise([p], [tp.numpy()])
+
+
+@pytest.mark.parametrize("opt", OPTIONS)
+def test_trajectory_vs_torch_foreach_false(dtype, opt):
+    """100 steps of fastadam.Adam/AdamW vs torch (foreach=False) over several params."""
+    wd, dec, ams, mx = opt
+    rng = np.random.default_rng(11)
+    shapes = [(33,), (7, 5), (1000,), (3, 4, 5)]
+    ps = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    tps = [torch.from_numpy(p.copy()) for p in ps]
+    cls = fa.AdamW if dec else fa.Adam
+    tcls = torch.optim.AdamW if dec else torch.optim.Adam
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd, amsgrad=ams, maximize=mx)
+    opt_fa = cls(ps, **kw)
+    opt_t = tcls(tps, foreach=False, **kw)
+    for _ in range(100):
+        gs = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        for tp, g in zip(tps, gs):
+            tp.grad = torch.from_numpy(g.copy())
+        opt_t.step()
+        opt_fa.step(gs)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for p, tp in zip(ps, tps):
+        np.testing.assert_allclose(p, tp.numpy(), rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_torch_state_dict_loads_into_fastadam():
+    """A torch Adam checkpoint (tensors) continues bit-identically in fastadam.Adam."""
+    n = 64
+    p = make_state(n, np.float32)[0]
+    tp = torch.from_numpy(p.copy())
+    topt = torch.optim.Adam([tp], lr=1e-2, fused=True)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        tp.grad = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+        topt.step()
+    w = tp.numpy().copy()
+    opt = fa.Adam([w], lr=1e-2)
+    opt.load_state_dict(topt.state_dict())
+    for _ in range(5):
+        g = rng.standard_normal(n).astype(np.float32)
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        opt.step([g])
+    assert_bitwise([w], [tp.numpy()])
+    assert opt.state_dict()["state"][0]["step"] == 10

@@ -1,0 +1,157 @@
+"""Threads, the GIL, memory, ISA modules and show_config."""
+import inspect
+import os
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastadam as fa
+from fastadam import _dispatch, _threads
+
+from conftest import assert_bitwise, importable_isas, isa_module, make_state
+
+
+def _run(code, **env):
+    e = dict(os.environ)
+    e.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e)
+
+
+def test_set_get_num_threads(restore_threads):
+    fa.set_num_threads(3)
+    assert fa.get_num_threads() == 3
+    assert _threads.resolve(None, 10**7) == 3
+    assert _threads.resolve(None, 10) == 1  # small inputs run serially
+    fa.set_num_threads(None)
+    with pytest.raises(ValueError, match="n"):
+        fa.set_num_threads(0)
+
+
+def test_omp_num_threads_respected():
+    r = _run("import fastadam as fa; print(fa.get_num_threads())", OMP_NUM_THREADS="1")
+    assert r.stdout.strip() == "1", r.stderr
+    r = _run("import fastadam as fa; print(fa.get_num_threads())", OMP_NUM_THREADS="3")
+    assert r.stdout.strip() == "3", r.stderr
+
+
+def test_threadpoolctl_limits_respected():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not fa._runtime.have_openmp():
+        pytest.skip("serial build")
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert fa.get_num_threads() == 1
+    assert fa.get_num_threads() == fa._runtime.omp_max_threads()
+
+
+def test_gil_released_during_step():
+    """Another Python thread makes progress while a long step runs."""
+    n = 2**24
+    p, g, m, v, _ = make_state(n, np.float32)
+    counter = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            counter[0] += 1
+
+    K = _dispatch.kernels
+    t = threading.Thread(target=spin)
+    t.start()
+    time.sleep(0.05)
+    try:
+        progress = []
+        for _ in range(3):
+            c0 = counter[0]
+            t0 = time.perf_counter()
+            K.adam32(p, g, m, v, None, -1e-3, 0.5, 1.0, 1.0, 1.0, 0.0, 0.1, 1e-3, 0.999,
+                     1e-8, False, False, 1)
+            dt = time.perf_counter() - t0
+            progress.append((counter[0] - c0, dt))
+    finally:
+        stop.set()
+        t.join()
+    # With the GIL held, the spinner would be frozen for the whole call
+    # (the switch interval is 5 ms; a step takes far longer).
+    best = max(progress)
+    assert best[0] > 1000, progress
+
+
+def test_no_memory_growth_over_many_steps():
+    ps = [np.zeros(64, np.float32), np.zeros(33, np.float32)]
+    gs = [np.ones(64, np.float32), np.ones(33, np.float32)]
+    opt = fa.Adam(ps)
+    p, g, m, v, vm = make_state(100, np.float64)
+    for _ in range(200):  # warm caches
+        opt.step(gs)
+        fa.adam_step(p, g, m, v, step=1, amsgrad=True, max_exp_avg_sq=vm)
+        fa.grad_norm(gs)
+    tracemalloc.start()
+    s0 = tracemalloc.take_snapshot()
+    for _ in range(10_000):
+        opt.step(gs)
+        fa.adam_step(p, g, m, v, step=1, amsgrad=True, max_exp_avg_sq=vm)
+        fa.grad_norm(gs)
+    s1 = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(s.size_diff for s in s1.compare_to(s0, "filename"))
+    assert grown < 64 * 1024, grown
+    assert opt.state_dict()["state"][0]["step"] == 10_200
+
+
+# ---------------------------------------------------------------- ISA modules
+
+def test_every_isa_module_exports_the_same_api():
+    built = _dispatch.built_modules()
+    assert "baseline" in built
+    apis = {}
+    for isa in importable_isas():
+        K = isa_module(isa)
+        names = sorted(n for n in dir(K) if not n.startswith("_") and callable(getattr(K, n)))
+        apis[isa] = {n: (getattr(K, n).__doc__ or "").split("\n")[0] for n in names}
+    first = next(iter(apis.values()))
+    for isa, api in apis.items():
+        assert api == first, isa
+    for name in ("adam32", "adam64", "adam_multi32", "adam_multi64", "sumsq_multi32",
+                 "sumsq_multi64"):
+        assert name in first
+
+
+@pytest.mark.parametrize("isa", importable_isas())
+def test_forcing_each_isa_works(isa):
+    code = ("import fastadam as fa, numpy as np\n"
+            "p = np.ones(40, np.float32)\n"
+            "fa.adam_step(p, np.ones(40, np.float32), np.zeros(40, np.float32),"
+            " np.zeros(40, np.float32), step=1, lr=0.5)\n"
+            "print(fa.isa, p[0].tobytes().hex())")
+    r = _run(code, FASTADAM_ISA=isa)
+    assert r.returncode == 0, r.stderr
+    chosen, bits = r.stdout.split()
+    assert chosen == isa
+    base = _run(code, FASTADAM_ISA="baseline").stdout.split()[1]
+    assert bits == base
+
+
+def test_forcing_unknown_or_unsupported_isa_fails_clearly(monkeypatch):
+    r = _run("import fastadam", FASTADAM_ISA="sse9")
+    assert r.returncode != 0 and "FASTADAM_ISA='sse9'" in r.stderr
+    monkeypatch.setattr(_dispatch, "cpu_features", lambda: {"avx2": False})
+    with pytest.raises(ImportError, match="not supported on this CPU: CPU lacks"):
+        _dispatch.load("avx2")
+
+
+def test_default_choice_is_best_supported():
+    avail = _dispatch.available_modules()
+    if "FASTADAM_ISA" not in os.environ:
+        assert fa.isa == avail[-1]
+
+
+def test_show_config_names_module_and_threads(capsys):
+    fa.show_config()
+    out = capsys.readouterr().out
+    assert f"_kernels_{fa.isa}" in out and "openmp" in out and "threads" in out
+    assert "cpu features" in out

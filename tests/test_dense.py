@@ -186,3 +186,27 @@ def test_empty_is_noop(dtype):
     p, g, m, v, vm = make_state(0, dtype)
     fa.adam_step(p, g, m, v, step=1, amsgrad=True, max_exp_avg_sq=vm)
     fa.functional.adam([], [], [], [], steps=1)
+
+
+@pytest.mark.parametrize("step", [10**5, 10**7])
+def test_long_run_variant_bc2_sqrt_is_one(dtype, step):
+    """Once fl(sqrt(1 - b2**t)) == 1 a division-free variant runs: same bits."""
+    b2 = 0.999
+    assert np.asarray(np.sqrt(1 - b2 ** step), dtype) == 1  # the special path is taken
+    kw = dict(lr=1e-2, betas=(0.9, b2), eps=1e-6, weight_decay=0.0,
+              decoupled_weight_decay=False, amsgrad=True, maximize=False, grad_scale=None)
+    a = make_state(1000, dtype)
+    e = copies(a)
+    fa.adam_step(a[0], a[1], a[2], a[3], step=step, max_exp_avg_sq=a[4],
+                 **{k: v for k, v in kw.items() if k != "max_exp_avg_sq"})
+    ref.adam(e[0], e[1], e[2], e[3], step=step, max_exp_avg_sq=e[4], **kw)
+    assert_close([a[0], a[2], a[3], a[4]], [e[0], e[2], e[3], e[4]], dtype)
+    results = []
+    for isa in importable_isas():
+        K = isa_module(isa)
+        fn = K.adam32 if dtype == np.float32 else K.adam64
+        b = make_state(1000, dtype)
+        fn(*_kernel_args(b, kw, step), 1)
+        results.append(b)
+    for b in results:
+        assert_bitwise(b, a)

@@ -117,3 +117,33 @@ def test_torch_state_dict_loads_into_fastadam():
         opt.step([g])
     assert_bitwise([w], [tp.numpy()])
     assert opt.state_dict()["state"][0]["step"] == 10
+
+
+@pytest.mark.parametrize("opt", OPTIONS)
+def test_bitwise_equal_to_torch_fused_late_in_training(dtype, opt):
+    """Steps past ~17K (fp32) / ~37K (fp64), where sqrt(bias_correction2) rounds to 1."""
+    wd, dec, ams, mx = opt
+    n = 1024
+    p, _, m, v, vm = make_state(n, dtype)
+    vm = np.maximum(vm, v)
+    tp = torch.from_numpy(p.copy())
+    topt = _torch_opt(tp, opt, 1e-3, fused=True)
+    tp.grad = torch.zeros_like(tp)
+    topt.step()  # creates the state; overwrite it with ours
+    st = topt.state[tp]
+    tp.copy_(torch.from_numpy(p))
+    st["exp_avg"].copy_(torch.from_numpy(m))
+    st["exp_avg_sq"].copy_(torch.from_numpy(v))
+    if ams:
+        st["max_exp_avg_sq"].copy_(torch.from_numpy(vm))
+    start = 50_000
+    st["step"].fill_(start)
+    rng = np.random.default_rng(9)
+    for t in range(start + 1, start + 4):
+        g = rng.standard_normal(n).astype(dtype)
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        fa.adam_step(p, g, m, v, step=t, lr=1e-3, betas=(0.9, 0.99), eps=1e-6,
+                     weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams,
+                     max_exp_avg_sq=vm if ams else None, maximize=mx)
+    assert_bitwise([p, m, v], [tp.numpy(), st["exp_avg"].numpy(), st["exp_avg_sq"].numpy()])

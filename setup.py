@@ -14,7 +14,9 @@ Every module is compiled with ``-fno-math-errno`` (vectorised sqrt) and
 ``-ffp-contract=off`` (no implicit FMA contraction: the kernels call ``fma``
 explicitly where the semantics require it, so all ISA builds round the same).
 ``-ffast-math`` and ``-march=native`` are never used by default;
-``FASTADAM_MARCH=native`` adds an extra ``_kernels_native`` module.
+``FASTADAM_MARCH=native`` adds an extra ``_kernels_native`` module;
+``FASTADAM_ISAS=avx2`` (comma list) limits the modules built (baseline always);
+``FASTADAM_NO_OPENMP=1`` forces a serial build.
 OpenMP is used when the compiler supports it, else the build is serial
 (with a warning).
 """
@@ -46,6 +48,9 @@ if IS_X86:
     ]
 if os.environ.get("FASTADAM_MARCH", "").strip() == "native":
     ISA_FLAGS["native"] = ["-march=native"]
+if os.environ.get("FASTADAM_ISAS"):  # e.g. FASTADAM_ISAS=baseline for a quick build
+    _keep = {"baseline"} | set(os.environ["FASTADAM_ISAS"].split(","))
+    ISA_FLAGS = {k: v for k, v in ISA_FLAGS.items() if k in _keep}
 
 
 def _compiles(flags, source="int main(void){return 0;}\n", link=True):

@@ -96,6 +96,8 @@ def render_templates():
         header = f"# Generated from _kernels.pyx.tp for ISA level '{isa}'. Do not edit.\n"
         body = src.replace("@ISA@", isa)
         _write_if_changed(os.path.join(PKG, f"_kernels_{isa}.pyx"), header + body)
+        with open(os.path.join(PKG, "_kernels.pyi")) as f:
+            _write_if_changed(os.path.join(PKG, f"_kernels_{isa}.pyi"), f.read())
 
 
 def _render(path):

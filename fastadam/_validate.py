@@ -65,29 +65,35 @@ def no_overlap(names, arrays):
 
 
 def no_overlap_many(entries):
-    """``entries``: list of (name, array). Raise if any two byte ranges overlap.
+    """``entries``: list of (name, array, is_output). Raise ValueError if an
+    output shares memory with any other entry (inputs may share with inputs).
 
-    O(n log n): sort by start address and compare neighbours.
+    O(n log n): sort the byte ranges by start address and compare each with
+    the running maximum end of the ranges before it (of all entries for an
+    output, of the outputs for an input).
     """
     if len(entries) < 2:
         return
-    arrays = [a for _, a in entries]
-    lo = np.empty(len(arrays), dtype=np.int64)
+    arrays = [e[1] for e in entries]
+    k = len(arrays)
+    lo = np.empty(k, dtype=np.int64)
     _runtime.addresses(arrays, lo)
-    nb = np.fromiter((a.nbytes for a in arrays), dtype=np.int64, count=len(arrays))
-    keep = nb > 0
-    idx = np.nonzero(keep)[0]
-    if idx.size < 2:
+    hi = lo + np.fromiter((a.nbytes for a in arrays), dtype=np.int64, count=k)
+    out = np.fromiter((bool(e[2]) for e in entries), dtype=bool, count=k)
+    keep = np.nonzero(hi > lo)[0]
+    if keep.size < 2:
         return
-    lo, hi = lo[idx], lo[idx] + nb[idx]
-    order = np.argsort(lo, kind="stable")
-    lo, hi, idx = lo[order], hi[order], idx[order]
-    run_hi = np.maximum.accumulate(hi)
-    bad = np.nonzero(lo[1:] < run_hi[:-1])[0]
+    order = keep[np.argsort(lo[keep], kind="stable")]
+    slo, shi, sout = lo[order], hi[order], out[order]
+    none = np.iinfo(np.int64).min
+    prev_all = np.maximum.accumulate(np.concatenate(([none], shi[:-1])))
+    prev_out = np.maximum.accumulate(np.concatenate(([none], np.where(sout, shi, none)[:-1])))
+    bad = np.nonzero(np.where(sout, slo < prev_all, slo < prev_out))[0]
     if bad.size:
-        k = int(bad[0]) + 1
-        j = int(idx[k])
-        i = int(idx[int(np.argmax(hi[:k] > lo[k]))])
+        b = int(bad[0])
+        cand = (shi[:b] > slo[b]) & (True if sout[b] else sout[:b])
+        a = int(np.argmax(cand))
+        i, j = sorted((int(order[a]), int(order[b])))
         raise ValueError(f"{entries[i][0]} and {entries[j][0]} share memory; outputs must "
                          "not alias each other or any gradient")
 

@@ -204,14 +204,15 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.
         same_shape(f"grads[{i}]", grads[i], f"params[{i}]", p)
         same_shape(f"exp_avgs[{i}]", exp_avgs[i], f"params[{i}]", p)
         same_shape(f"exp_avg_sqs[{i}]", exp_avg_sqs[i], f"params[{i}]", p)
-        entries += [(f"params[{i}]", p), (f"exp_avgs[{i}]", exp_avgs[i]),
-                    (f"exp_avg_sqs[{i}]", exp_avg_sqs[i])]
+        entries += [(f"params[{i}]", p, True), (f"grads[{i}]", grads[i], False),
+                    (f"exp_avgs[{i}]", exp_avgs[i], True),
+                    (f"exp_avg_sqs[{i}]", exp_avg_sqs[i], True)]
         if vmaxs is not None:
             float_array(f"max_exp_avg_sqs[{i}]", vmaxs[i], dt)
             same_shape(f"max_exp_avg_sqs[{i}]", vmaxs[i], f"params[{i}]", p)
-            entries.append((f"max_exp_avg_sqs[{i}]", vmaxs[i]))
+            entries.append((f"max_exp_avg_sqs[{i}]", vmaxs[i], True))
         groups.setdefault(dt, []).append(i)
-    _check_grads_vs_outputs(entries, grads)
+    no_overlap_many(entries)
     nt_arg = n_threads
     _threads.resolve(nt_arg, 0)  # validate n_threads before any write
     if decoupled_weight_decay:
@@ -249,35 +250,6 @@ def _pointers(arrays):
     out = np.empty(len(arrays), dtype=np.int64)
     _runtime.addresses(arrays, out)
     return out
-
-
-def _check_grads_vs_outputs(entries, grads):
-    """Outputs must not overlap each other; no grad may overlap an output.
-
-    Grads may overlap other grads (they are only read).
-    """
-    no_overlap_many(entries)
-    if not entries:
-        return
-    outs = [a for _, a in entries]
-    lo = _pointers(outs)
-    hi = lo + np.fromiter((a.nbytes for a in outs), dtype=np.int64, count=len(outs))
-    order = np.argsort(lo)
-    lo, hi = lo[order], hi[order]
-    for i, g in enumerate(grads):
-        if g.nbytes == 0:
-            continue
-        glo = int(_pointers([g])[0])
-        ghi = glo + g.nbytes
-        k = int(np.searchsorted(lo, ghi, side="left"))  # outputs starting before ghi
-        if k > 0:
-            # candidates: outputs with lo < ghi; overlap if their hi > glo
-            cand = np.nonzero(hi[:k] > glo)[0]
-            cand = cand[hi[cand] > lo[cand]]
-            if cand.size:
-                name = entries[int(order[int(cand[0])])][0]
-                raise ValueError(f"grads[{i}] and {name} share memory; outputs must not "
-                                 "alias each other or any gradient")
 
 
 def grad_norm(grads, *, n_threads=None):

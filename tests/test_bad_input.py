@@ -166,3 +166,42 @@ def test_optimizer_step_rejects_before_any_write():
         opt.step([np.ones(5, np.float32)])
     assert_bitwise(ps, before)
     assert opt.state_dict()["state"][0]["step"] == 1
+
+
+def test_multi_array_grads_may_share_memory_with_each_other():
+    """Gradients are only read: two params may use the same gradient buffer."""
+    ps = [np.zeros(4), np.zeros(4)]
+    g = np.ones(4)
+    fa.functional.adam(ps, [g, g], [np.zeros(4), np.zeros(4)], [np.zeros(4), np.zeros(4)],
+                       steps=1, lr=0.1)
+    assert_bitwise([ps[0]], [ps[1]])
+    big = np.ones(8)
+    fa.functional.adam(ps, [big[:4], big[2:6]], [np.zeros(4), np.zeros(4)],
+                       [np.zeros(4), np.zeros(4)], steps=1, lr=0.1)
+
+
+@pytest.mark.parametrize("k", [2, 7, 40])
+def test_overlap_detection_matches_brute_force(k):
+    """The O(n log n) check agrees with a pairwise check on random layouts."""
+    from fastadam._validate import no_overlap_many
+    rng = np.random.default_rng(k)
+    base = np.zeros(400)
+    for trial in range(200):
+        entries = []
+        for i in range(k):
+            a = int(rng.integers(0, 390))
+            b = a + int(rng.integers(0, 10))
+            entries.append((f"e{i}", base[a:b], bool(rng.random() < 0.5)))
+        expect = any(
+            (entries[i][2] or entries[j][2]) and entries[i][1].size and entries[j][1].size
+            and np.shares_memory(entries[i][1], entries[j][1])
+            for i in range(k) for j in range(i + 1, k))
+        try:
+            no_overlap_many(entries)
+            got = False
+        except ValueError as e:
+            got = True
+            names = str(e).split(" and ")
+            i, j = int(names[0][1:]), int(names[1].split()[0][1:])
+            assert (entries[i][2] or entries[j][2]) and np.shares_memory(entries[i][1], entries[j][1])
+        assert got == expect, trial

@@ -210,3 +210,26 @@ def test_long_run_variant_bc2_sqrt_is_one(dtype, step):
         results.append(b)
     for b in results:
         assert_bitwise(b, a)
+
+
+def test_multi_array_kernel_bitwise_across_isa_modules(dtype):
+    sizes = [1, 17, 5000, 2**17 + 3]
+    results = []
+    for isa in importable_isas():
+        K = isa_module(isa)
+        fn = K.adam_multi32 if dtype == np.float32 else K.adam_multi64
+        for nt in (1, 2):
+            bufs = [make_state(n, dtype, seed=n) for n in sizes]
+            ptrs = [np.array([b[j].ctypes.data for b in bufs], dtype=np.int64) for j in range(5)]
+            offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            scal = [adam_scalars(s, 1e-2, 0.9, 0.999) for s in (1, 2, 3, 40)]
+            nss = np.array([s[0] for s in scal])
+            bc2s = np.array([s[1] for s in scal])
+            fn(*ptrs[:4], ptrs[4], offsets, nss, bc2s, -1.0, 4.0, 1.0, 0.01, 0.1, 0.001,
+               0.999, 1e-8, True, True, nt)
+            results.append((isa, nt, bufs))
+    for isa, nt, bufs in results[1:]:
+        for b, e in zip(bufs, results[0][2]):
+            assert_bitwise(b, e, f"{isa} x{nt}")
+    # and it moved every array
+    assert not np.array_equal(results[0][2][0][0], make_state(1, dtype, seed=1)[0])

@@ -234,7 +234,7 @@ def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=Non
     if step is not None:
         nss = sparse_adam_scalars(step, lr, b1, b2)
     nt = _threads.resolve(n_threads, k * dim, _threads.SPARSE_SERIAL_THRESHOLD)
-    if k == 0 or dim == 0:
+    if k == 0:
         return
     if decoupled_weight_decay:
         decay, l2 = 1.0 - lr * wd, False

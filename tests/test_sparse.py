@@ -499,3 +499,25 @@ def test_functional_row_step_without_global_step():
                         row_step=rs)
     assert list(rs) == [0, 1, 0, 0]
     assert np.allclose(t[1], -0.1)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_first_bad_position_reported_with_parallel_merge(n_threads):
+    """Large batches merge over several threads; the earliest problem still wins."""
+    n_rows, dim, k = 3000, 3, 9000
+    idx, g = make_batch(n_rows, dim, k, np.float64, seed=4)
+    for nparts in (1, 2, 3, 8):
+        u1, c1 = K.sparse_unique(idx, n_rows, 1)
+        u, c = K.sparse_unique(idx, n_rows, nparts)
+        assert dict(zip(u, c)) == dict(zip(u1, c1))
+    table, m, v, _, rs = make_sparse_state(n_rows, dim, np.float64, row_step=True)
+    before = copies([table, m, v, rs])
+    bad = idx.copy()
+    bad[7000], bad[8000] = n_rows, -1
+    with pytest.raises(IndexError, match=r"indices\[7000\] = 3000"):
+        fa.sparse_adam_step(table, bad, g, m, v, step=1, row_step=rs, n_threads=n_threads)
+    rs[bad[5000]] = -1            # a negative count on an earlier touched row wins
+    before[3] = rs.copy()
+    with pytest.raises(ValueError, match=r"row_step\[\d+\] = -1"):
+        fa.sparse_adam_step(table, bad, g, m, v, step=1, row_step=rs, n_threads=n_threads)
+    assert_bitwise([table, m, v, rs], before, "parallel merge errors")

@@ -34,7 +34,7 @@ def sparse_adam_scalars(step, lr, beta1, beta2):
     return -(lr * math.sqrt(bc2) / bc1)
 
 
-def _check_indices(indices):
+def _check_indices(indices, n_rows):
     """Return ``indices`` as a C-contiguous native int32/int64 1-D array (no copy if it is one)."""
     if not isinstance(indices, np.ndarray):
         raise TypeError(f"indices must be a 1-D numpy.ndarray of int32 or int64, got "
@@ -51,8 +51,8 @@ def _check_indices(indices):
         big = np.flatnonzero(indices > np.iinfo(np.int64).max)
         if big.size:
             j = int(big[0])
-            raise IndexError(f"indices[{j}] = {int(indices[j])} is out of range for a table "
-                             "of that many rows")
+            raise IndexError(f"indices[{j}] = {int(indices[j])} is out of range for table "
+                             f"with {n_rows} rows (valid ids: 0 <= id < {n_rows})")
     return np.ascontiguousarray(indices, dtype=np.int64)
 
 
@@ -183,7 +183,7 @@ def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=Non
     if table.ndim != 2:
         raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
     n_rows, dim = table.shape
-    indices = _check_indices(indices)
+    indices = _check_indices(indices, n_rows)
     k = indices.shape[0]
     float_array("grad_rows", grad_rows, dt, writable=False)
     if grad_rows.shape != (k, dim):

@@ -15,7 +15,8 @@ x86-64 CPU before a kernel module is chosen. Contract:
   ranges overlap, or None (exact for contiguous arrays).
 """
 cimport numpy as cnp
-from libc.stdint cimport int64_t, intptr_t
+from libc.stdint cimport int64_t, intptr_t, INT64_MIN
+from libc.stdlib cimport malloc, free
 
 cnp.import_array()
 
@@ -109,3 +110,122 @@ def first_overlap(tuple arrays):
             if hi_j != lo_j and lo_i < hi_j and lo_j < hi_i:
                 return (i, j)
     return None
+
+
+cdef inline bint _ok_float(cnp.ndarray a, int typenum, bint writable) noexcept:
+    if cnp.PyArray_TYPE(a) != typenum:
+        return False
+    if not cnp.PyArray_ISNOTSWAPPED(a):
+        return False
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        return False
+    if writable and not cnp.PyArray_ISWRITEABLE(a):
+        return False
+    return True
+
+
+cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
+    cdef int d, nd = cnp.PyArray_NDIM(a)
+    if nd != cnp.PyArray_NDIM(b):
+        return False
+    for d in range(nd):
+        if cnp.PyArray_DIM(a, d) != cnp.PyArray_DIM(b, d):
+            return False
+    return True
+
+
+def scan_lists(list params, list grads, list exp_avgs, list exp_avg_sqs, object vmaxs,
+               int64_t[:, ::1] ptrs, int64_t[::1] sizes, signed char[::1] is64):
+    """Fast path of the multi-array validation: returns -1 when every entry is
+    fine (and fills ``ptrs[j, i]`` with the data pointers of list j, ``sizes``
+    and ``is64``), else the index of the first entry that is not; the caller
+    then explains that entry with the Python checks (``fastadam._validate``).
+
+    An entry is fine when all its buffers are ndarrays of the param's dtype
+    (native float32/float64), C-contiguous, of the param's shape, and all but
+    the grad writable.
+    """
+    cdef Py_ssize_t i, j, n = len(params)
+    cdef list lists = [params, grads, exp_avgs, exp_avg_sqs]
+    cdef object o
+    cdef cnp.ndarray p, a
+    cdef int typenum, nl = 4
+    if vmaxs is not None:
+        lists.append(vmaxs)
+        nl = 5
+    for i in range(n):
+        o = params[i]
+        if not cnp.PyArray_Check(o):
+            return i
+        p = <cnp.ndarray>o
+        typenum = cnp.PyArray_TYPE(p)
+        if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+            return i
+        for j in range(nl):
+            o = (<list>lists[j])[i]
+            if not cnp.PyArray_Check(o):
+                return i
+            a = <cnp.ndarray>o
+            if not _ok_float(a, typenum, j != 1) or not _same_shape(a, p):
+                return i
+            ptrs[j, i] = <int64_t><intptr_t>cnp.PyArray_DATA(a)
+        sizes[i] = cnp.PyArray_SIZE(p)
+        is64[i] = typenum == cnp.NPY_FLOAT64
+    return -1
+
+
+cdef extern from "stdlib.h":
+    void qsort(void* base, size_t nmemb, size_t size,
+               int (*compar)(const void*, const void*) noexcept nogil) nogil
+
+ctypedef struct _span:
+    int64_t lo
+    int64_t hi
+    int64_t idx
+    int64_t out
+
+cdef int _cmp_span(const void* a, const void* b) noexcept nogil:
+    cdef int64_t x = (<const _span*>a).lo, y = (<const _span*>b).lo
+    cdef int64_t i = (<const _span*>a).idx, k = (<const _span*>b).idx
+    if x != y:
+        return -1 if x < y else 1
+    return -1 if i < k else (1 if i > k else 0)
+
+
+def first_conflict(const int64_t[::1] lo, const int64_t[::1] nbytes, const signed char[::1] out):
+    """Byte ranges [lo, lo + nbytes): return (i, j) for an output range that
+    overlaps any other range (inputs may overlap inputs), or None.
+
+    Sort by start, then compare each range with the running maximum end of the
+    ranges before it (of all ranges for an output, of outputs for an input).
+    """
+    cdef Py_ssize_t n = lo.shape[0], k = 0, i, b
+    cdef _span* s = <_span*>malloc(max(n, 1) * sizeof(_span))
+    cdef int64_t max_all = INT64_MIN, max_out = INT64_MIN
+    cdef Py_ssize_t arg_all = -1, arg_out = -1
+    if s == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            if nbytes[i] > 0:
+                s[k].lo = lo[i]
+                s[k].hi = lo[i] + nbytes[i]
+                s[k].idx = i
+                s[k].out = out[i]
+                k += 1
+        qsort(s, k, sizeof(_span), _cmp_span)
+        for b in range(k):
+            if s[b].out:
+                if s[b].lo < max_all:
+                    return tuple(sorted((s[arg_all].idx, s[b].idx)))
+            elif s[b].lo < max_out:
+                return tuple(sorted((s[arg_out].idx, s[b].idx)))
+            if s[b].hi > max_all:
+                max_all = s[b].hi
+                arg_all = b
+            if s[b].out and s[b].hi > max_out:
+                max_out = s[b].hi
+                arg_out = b
+        return None
+    finally:
+        free(s)

@@ -67,33 +67,18 @@ def no_overlap(names, arrays):
 def no_overlap_many(entries):
     """``entries``: list of (name, array, is_output). Raise ValueError if an
     output shares memory with any other entry (inputs may share with inputs).
-
-    O(n log n): sort the byte ranges by start address and compare each with
-    the running maximum end of the ranges before it (of all entries for an
-    output, of the outputs for an input).
+    O(n log n) (``fastadam._runtime.first_conflict``).
     """
     if len(entries) < 2:
         return
     arrays = [e[1] for e in entries]
-    k = len(arrays)
-    lo = np.empty(k, dtype=np.int64)
+    lo = np.empty(len(arrays), dtype=np.int64)
     _runtime.addresses(arrays, lo)
-    hi = lo + np.fromiter((a.nbytes for a in arrays), dtype=np.int64, count=k)
-    out = np.fromiter((bool(e[2]) for e in entries), dtype=bool, count=k)
-    keep = np.nonzero(hi > lo)[0]
-    if keep.size < 2:
-        return
-    order = keep[np.argsort(lo[keep], kind="stable")]
-    slo, shi, sout = lo[order], hi[order], out[order]
-    none = np.iinfo(np.int64).min
-    prev_all = np.maximum.accumulate(np.concatenate(([none], shi[:-1])))
-    prev_out = np.maximum.accumulate(np.concatenate(([none], np.where(sout, shi, none)[:-1])))
-    bad = np.nonzero(np.where(sout, slo < prev_all, slo < prev_out))[0]
-    if bad.size:
-        b = int(bad[0])
-        cand = (shi[:b] > slo[b]) & (True if sout[b] else sout[:b])
-        a = int(np.argmax(cand))
-        i, j = sorted((int(order[a]), int(order[b])))
+    nbytes = np.fromiter((a.nbytes for a in arrays), dtype=np.int64, count=len(arrays))
+    out = np.fromiter((bool(e[2]) for e in entries), dtype=np.int8, count=len(arrays))
+    hit = _runtime.first_conflict(lo, nbytes, out)
+    if hit is not None:
+        i, j = hit
         raise ValueError(f"{entries[i][0]} and {entries[j][0]} share memory; outputs must "
                          "not alias each other or any gradient")
 

@@ -11,9 +11,10 @@ import numpy as np
 
 from . import _dispatch, _runtime, _threads
 from ._validate import (F32, F64, check_grad_scale, check_hyper, check_step, float_array,
-                        no_overlap, no_overlap_many, same_shape)
+                        no_overlap, same_shape)
 
-__all__ = ["adam_step", "adamw_step", "adam", "adamw", "grad_norm", "adam_scalars"]
+__all__ = ["adam_step", "adamw_step", "adam", "adamw", "plan_adam", "grad_norm",
+           "adam_scalars"]
 
 _K = _dispatch.kernels
 _ADAM = {F32: _K.adam32, F64: _K.adam64}
@@ -174,6 +175,22 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.
     >>> round(float(ps[1][0]), 6)
     0.5
     """
+    for call in plan_adam(params, grads, exp_avgs, exp_avg_sqs, steps=steps, lr=lr,
+                          betas=betas, eps=eps, weight_decay=weight_decay,
+                          decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
+                          max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
+                          grad_scale=grad_scale, n_threads=n_threads):
+        call[0](*call[1])
+
+
+def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.999),
+              eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
+              max_exp_avg_sqs=None, maximize=False, grad_scale=None, n_threads=None):
+    """Validate everything for :func:`adam` and return its kernel calls
+    (``(kernel, args)`` pairs, one per dtype) without running them.
+
+    Optimizers validate all their param groups this way before writing any.
+    """
     params = _as_list("params", params)
     n = len(params)
     grads = _as_list("grads", grads, n)
@@ -193,51 +210,72 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.
         step_list = [check_step(steps, "steps")] * n
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
     scaled, gs = check_grad_scale(grad_scale)
-    groups = {}
-    entries = []
-    for i in range(n):
-        p = params[i]
-        dt = float_array(f"params[{i}]", p)
-        float_array(f"grads[{i}]", grads[i], dt, writable=False)
-        float_array(f"exp_avgs[{i}]", exp_avgs[i], dt)
-        float_array(f"exp_avg_sqs[{i}]", exp_avg_sqs[i], dt)
-        same_shape(f"grads[{i}]", grads[i], f"params[{i}]", p)
-        same_shape(f"exp_avgs[{i}]", exp_avgs[i], f"params[{i}]", p)
-        same_shape(f"exp_avg_sqs[{i}]", exp_avg_sqs[i], f"params[{i}]", p)
-        entries += [(f"params[{i}]", p, True), (f"grads[{i}]", grads[i], False),
-                    (f"exp_avgs[{i}]", exp_avgs[i], True),
-                    (f"exp_avg_sqs[{i}]", exp_avg_sqs[i], True)]
-        if vmaxs is not None:
-            float_array(f"max_exp_avg_sqs[{i}]", vmaxs[i], dt)
-            same_shape(f"max_exp_avg_sqs[{i}]", vmaxs[i], f"params[{i}]", p)
-            entries.append((f"max_exp_avg_sqs[{i}]", vmaxs[i], True))
-        groups.setdefault(dt, []).append(i)
-    no_overlap_many(entries)
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([vmaxs] if vmaxs is not None else [])
+    ptrs = np.empty((5, n), dtype=np.int64)
+    sizes = np.empty(n, dtype=np.int64)
+    is64 = np.empty(n, dtype=np.int8)
+    bad = _runtime.scan_lists(params, grads, exp_avgs, exp_avg_sqs, vmaxs, ptrs, sizes, is64)
+    if bad >= 0:
+        _explain_entry(lists, bad)
+    nl = len(lists)
+    itemsize = np.where(is64 != 0, 8, 4)
+    nbytes = np.empty(nl * n, dtype=np.int64)
+    nbytes.reshape(nl, n)[...] = sizes * itemsize  # (np.tile leaks in numpy 2.4)
+    is_out = np.ones(nl * n, dtype=np.int8)
+    is_out[n:2 * n] = 0  # grads are only read
+    hit = _runtime.first_conflict(ptrs[:nl].ravel(), nbytes, is_out)
+    if hit is not None:
+        a, b = (f"{_LIST_NAMES[k // n]}[{k % n}]" for k in hit)
+        raise ValueError(f"{a} and {b} share memory; outputs must not alias each other "
+                         "or any gradient")
     nt_arg = n_threads
     _threads.resolve(nt_arg, 0)  # validate n_threads before any write
     if decoupled_weight_decay:
         decay, l2 = 1.0 - lr * wd, False
     else:
         decay, l2 = 1.0, wd != 0.0
-    scal = {}
-    for dt, idx in groups.items():
-        k = len(idx)
-        sizes = np.fromiter((params[i].size for i in idx), dtype=np.int64, count=k)
-        offsets = np.zeros(k + 1, dtype=np.int64)
-        np.cumsum(sizes, out=offsets[1:])
-        nss = np.empty(k)
-        bc2s = np.empty(k)
-        for j, i in enumerate(idx):
-            s = step_list[i]
-            if s not in scal:
-                scal[s] = adam_scalars(s, lr, b1, b2)
-            nss[j], bc2s[j] = scal[s]
-        ptrs = [_pointers([params[i] for i in idx]), _pointers([grads[i] for i in idx]),
-                _pointers([exp_avgs[i] for i in idx]), _pointers([exp_avg_sqs[i] for i in idx]),
-                _pointers([vmaxs[i] for i in idx]) if vmaxs is not None else _EMPTY_I64]
+    if len(set(step_list)) == 1:
+        s0 = adam_scalars(step_list[0], lr, b1, b2)
+        nss_all, bc2s_all = np.full(n, s0[0]), np.full(n, s0[1])
+    else:
+        scal = {s: adam_scalars(s, lr, b1, b2) for s in set(step_list)}
+        nss_all = np.array([scal[s][0] for s in step_list])
+        bc2s_all = np.array([scal[s][1] for s in step_list])
+    calls = []
+    for dt, flag in ((F32, 0), (F64, 1)):
+        if n == 0:
+            break
+        mask = is64 == flag
+        if mask.all():
+            sel = ptrs, sizes, nss_all, bc2s_all
+        elif mask.any():
+            sel = (np.ascontiguousarray(ptrs[:, mask]), sizes[mask], nss_all[mask],
+                   bc2s_all[mask])
+        else:
+            continue
+        p_, sz, nss, bc2s = sel
+        offsets = np.zeros(len(sz) + 1, dtype=np.int64)
+        np.cumsum(sz, out=offsets[1:])
         nt = _threads.resolve(nt_arg, int(offsets[-1]))
-        _ADAM_MULTI[dt](*ptrs, offsets, nss, bc2s, -1.0 if maximize else 1.0, gs, decay, wd,
-                        1.0 - b1, 1.0 - b2, b2, eps, l2, scaled, nt)
+        calls.append((_ADAM_MULTI[dt], (p_[0], p_[1], p_[2], p_[3],
+                      p_[4] if vmaxs is not None else _EMPTY_I64, offsets, nss, bc2s,
+                      -1.0 if maximize else 1.0, gs, decay, wd, 1.0 - b1, 1.0 - b2, b2,
+                      eps, l2, scaled, nt)))
+    return calls
+
+
+_LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+
+
+def _explain_entry(lists, i):
+    """Raise the precise error for entry ``i`` that the native scan rejected."""
+    p = lists[0][i]
+    dt = float_array(f"params[{i}]", p)
+    for j in range(1, len(lists)):
+        name = f"{_LIST_NAMES[j]}[{i}]"
+        float_array(name, lists[j][i], dt, writable=j != 1)
+        same_shape(name, lists[j][i], f"params[{i}]", p)
+    raise ValueError(f"params[{i}]: invalid entry")  # pragma: no cover - scan and checks agree
 
 
 def adamw(params, grads, exp_avgs, exp_avg_sqs, *, steps, weight_decay=1e-2, **kwargs):

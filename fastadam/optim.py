@@ -110,54 +110,64 @@ class Adam:
         order); a ``None`` entry skips that parameter (as torch skips
         ``grad is None``). ``grad_scale`` divides every gradient (AMP).
         """
-        params = self._all_params()
         grads = list(grads)
-        if len(grads) != len(params):
-            raise ValueError(f"grads must have {len(params)} entries (one per parameter), "
+        nparams = sum(len(g["params"]) for g in self.param_groups)
+        if len(grads) != nparams:
+            raise ValueError(f"grads must have {nparams} entries (one per parameter), "
                              f"got {len(grads)}")
-        # Validate every group before writing anything.
-        k = 0
-        plans = []
-        for group in self.param_groups:
-            idx = []
-            for p in group["params"]:
-                g = grads[k]
-                if g is not None:
-                    F.float_array(f"grads[{k}]", g, writable=False)
-                    if g.shape != p.shape:
-                        raise ValueError(f"grads[{k}] must have the shape of its parameter "
-                                         f"{p.shape}, got {g.shape}")
-                    if g.dtype != p.dtype:
-                        raise TypeError(f"grads[{k}] has dtype {g.dtype} but its parameter "
-                                        f"is {p.dtype}")
-                    idx.append((p, g))
-                k += 1
-            plans.append((group, idx))
         F.check_grad_scale(grad_scale)
-        for group, pairs in plans:
+        # Validate every group before writing anything: plan all, then run all.
+        plans = []
+        k = 0
+        for group in self.param_groups:
+            ps = group["params"]
+            gs = grads[k:k + len(ps)]
+            k += len(ps)
+            pairs = [(p, g) for p, g in zip(ps, gs) if g is not None]
             if not pairs:
                 continue
             ams = group["amsgrad"]
-            sts = []
-            for p, _ in pairs:
-                st = self.state.get(id(p))
-                if st is None:
-                    st = self.state[id(p)] = self._init_state(p, ams)
-                elif ams and "max_exp_avg_sq" not in st:
-                    st["max_exp_avg_sq"] = np.zeros_like(p)
-                sts.append(st)
+            sts = [self.state.get(id(p)) or self._init_state(p, ams) for p, _ in pairs]
             steps = [st["step"] + 1 for st in sts]
-            F.adam([p for p, _ in pairs], [g for _, g in pairs],
-                   [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
-                   steps=steps, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                   weight_decay=group["weight_decay"],
-                   decoupled_weight_decay=group["decoupled_weight_decay"],
-                   amsgrad=ams,
-                   max_exp_avg_sqs=[st["max_exp_avg_sq"] for st in sts] if ams else None,
-                   maximize=group["maximize"], grad_scale=grad_scale,
-                   n_threads=self.n_threads)
-            for st, s in zip(sts, steps):
+            try:
+                calls = F.plan_adam(
+                    [p for p, _ in pairs], [g for _, g in pairs],
+                    [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
+                    steps=steps, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=ams,
+                    max_exp_avg_sqs=[self._vmax(st, p) for st, (p, _) in zip(sts, pairs)]
+                    if ams else None,
+                    maximize=group["maximize"], grad_scale=grad_scale,
+                    n_threads=self.n_threads)
+            except (TypeError, ValueError) as e:
+                raise type(e)(self._rename(str(e), group, grads)) from None
+            plans.append((calls, pairs, sts, steps))
+        for calls, pairs, sts, steps in plans:
+            for kernel, args in calls:
+                kernel(*args)
+            for (p, _), st, s in zip(pairs, sts, steps):
                 st["step"] = s
+                self.state[id(p)] = st
+
+    @staticmethod
+    def _vmax(st, p):
+        if "max_exp_avg_sq" not in st:
+            st["max_exp_avg_sq"] = np.zeros_like(p)
+        return st["max_exp_avg_sq"]
+
+    def _rename(self, msg, group, grads):
+        """Map 'grads[i]' of a group's call to the index in the optimizer's grads."""
+        import re
+        base = 0
+        for g in self.param_groups:
+            if g is group:
+                break
+            base += len(g["params"])
+        idx = [base + i for i, gr in enumerate(grads[base:base + len(group["params"])])
+               if gr is not None]
+        return re.sub(r"(grads|params)\[(\d+)\]",
+                      lambda m: f"{m.group(1)}[{idx[int(m.group(2))]}]", msg)
 
     def zero_grad(self):  # numpy grads are owned by the caller
         pass

@@ -58,3 +58,69 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- distributed workers (module level so torch.multiprocessing.spawn can pickle them) --------
+
+def make_mlp(seed=0):
+    import torch
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+
+
+def make_data(seed=1, n=16):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 16, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def train_single(steps, lr=1e-2):
+    """Reference: one process, the whole batch, fastadam.torch.AdamW."""
+    import torch
+    from fastadam.torch import AdamW
+    model = make_mlp()
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    x, y = make_data()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def ddp_worker(rank, world, port, steps, out_dir, lr=1e-2):
+    """DDP with plain fastadam AdamW and DDP with ZeroRedundancyOptimizer(fastadam AdamW)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from fastadam.torch import AdamW
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y = make_data()
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]  # equal halves: mean of means
+        results = {}
+        for mode in ("ddp", "zero"):
+            model = DDP(make_mlp())
+            if mode == "ddp":
+                opt = AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+            else:
+                opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=AdamW,
+                                              lr=lr, weight_decay=0.1)
+            for _ in range(steps):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xs), ys).backward()
+                opt.step()
+            if mode == "zero":
+                opt.consolidate_state_dict(to=0)
+                if rank == 0:
+                    sd = opt.state_dict()
+                    results["zero_state_steps"] = sorted(
+                        float(st["step"]) for st in sd["state"].values())
+            results[mode] = [p.detach().clone() for p in model.module.parameters()]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -65,3 +65,108 @@ def adamw(param, grad, exp_avg, exp_avg_sq, *, step, weight_decay=1e-2, **kw):
 def grad_norm(grads):
     """L2 norm of all gradients together, accumulated in float64."""
     return math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in grads))
+
+
+# ----------------------------------------------------------------- sparse (issue 4)
+
+def sparse_merge(indices, grad_rows):
+    """Unique ids in first-occurrence order and their summed gradient rows.
+
+    Each unique id's rows are added strictly in batch order, starting from
+    its first row: ``((g_a + g_b) + g_c) + ...`` -- the order the kernel uses.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    g = np.asarray(grad_rows)
+    if idx.size == 0:
+        return idx, g[:0].copy()
+    uniq, first, inverse = np.unique(idx, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")          # unique ids by first occurrence
+    rank_of = np.empty_like(order)
+    rank_of[order] = np.arange(order.size)
+    slot = rank_of[inverse.reshape(-1)]                # batch position -> unique slot
+    ids = uniq[order]
+    pos = np.argsort(slot, kind="stable")              # positions grouped by slot, batch order
+    counts = np.bincount(slot, minlength=ids.size)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    acc = g[pos[starts]].copy()
+    for r in range(1, int(counts.max())):              # r-th occurrence of each id, in order
+        live = np.flatnonzero(counts > r)
+        acc[live] = acc[live] + g[pos[starts[live] + r]]
+    return ids, acc
+
+
+def _rowwise_mean_sq(g):
+    """Mean of g*g over each row: double sum over 16 fixed lanes (the kernel's order)."""
+    n, dim = g.shape
+    d = g.astype(np.float64)
+    n16 = dim - dim % 16
+    acc = np.zeros((n, 16))
+    for j in range(0, n16, 16):
+        acc = acc + d[:, j:j + 16] * d[:, j:j + 16]
+    rest = dim - n16
+    if rest:
+        acc[:, :rest] = acc[:, :rest] + d[:, n16:] * d[:, n16:]
+    total = np.zeros(n)
+    for lane in range(16):
+        total = total + acc[:, lane]
+    return (total / dim).astype(g.dtype)
+
+
+def sparse_adam(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr=1e-3,
+                betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                amsgrad=False, max_exp_avg_sq=None, maximize=False, row_step=None):
+    """Sparse ("lazy", torch SparseAdam) step, in place on the arrays given.
+
+    Duplicates summed in batch order (:func:`sparse_merge`), then per touched
+    row, no fma::
+
+        g = -g (maximize); p = p*fl(1-lr*wd) (decoupled) | g = g + p*fl(wd) (L2)
+        m = m + (g - m)*fl(1-b1);  v = v + (g*g - v)*fl(1-b2)
+        u = vmax = max(vmax, v) (amsgrad)
+        p = p + fl(-lr*sqrt(bc2)/bc1) * (m / (sqrt(u) + fl(eps)))
+
+    ``exp_avg_sq`` of shape (n_rows,) is the row-wise variant: v per row from
+    the mean of g*g. ``row_step`` (int64, n_rows): per-row step counts.
+    """
+    dt = table.dtype
+    b1, b2 = betas
+    ids, g = sparse_merge(indices, grad_rows)
+    if ids.size == 0:
+        return
+    g = g.astype(dt, copy=False)
+    if maximize:
+        g = -g
+    rowwise = exp_avg_sq.ndim == 1
+    p = table[ids]
+    m = exp_avg[ids]
+    v = exp_avg_sq[ids]
+    if row_step is not None:
+        t = row_step[ids] + 1
+        row_step[ids] = t
+        nss = np.array([-(lr * math.sqrt(1.0 - b2 ** float(s)) / (1.0 - b1 ** float(s)))
+                        for s in t]).astype(dt)[:, None]
+    else:
+        bc1 = 1.0 - b1 ** step
+        bc2 = 1.0 - b2 ** step
+        nss = _fl(dt, -(lr * math.sqrt(bc2) / bc1))
+    if decoupled_weight_decay:
+        p = p * _fl(dt, 1.0 - lr * weight_decay)
+    elif weight_decay != 0.0:
+        g = g + p * _fl(dt, weight_decay)
+    m = m + (g - m) * _fl(dt, 1.0 - b1)
+    if rowwise:
+        v = v + (_rowwise_mean_sq(g) - v) * _fl(dt, 1.0 - b2)
+    else:
+        v = v + (g * g - v) * _fl(dt, 1.0 - b2)
+    if amsgrad:
+        u = np.maximum(max_exp_avg_sq[ids], v)
+        max_exp_avg_sq[ids] = u
+    else:
+        u = v
+    denom = np.sqrt(u) + _fl(dt, eps)
+    if rowwise:
+        denom = denom[:, None]
+    p = p + nss * (m / denom)
+    table[ids] = p
+    exp_avg[ids] = m
+    exp_avg_sq[ids] = v

@@ -320,3 +320,4 @@ def grad_norm(grads, *, n_threads=None):
             return amax * math.sqrt(sum(float(np.sum(np.square(g / amax, dtype=np.float64)))
                                         for g in grads))
     return math.sqrt(total)
+from .sparse import sparse_adam_step  # noqa: E402,F401  (issue 4: the sparse path)

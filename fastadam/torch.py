@@ -95,6 +95,25 @@ def _flat_np(t):
     return t.detach().as_strided((t.numel(),), (1,)).numpy()
 
 
+def _bump_versions(tensors):
+    """Tell autograd the tensors were modified in place (we write through numpy),
+    so a stale saved tensor raises like after torch's own in-place optimizer step."""
+    if tensors:
+        _increment_version(tensors)
+
+
+def _increment_version_fallback(tensors):
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
+
+
+try:
+    _increment_version = torch._C._increment_version
+    _increment_version([torch.zeros(1)])
+except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch
+    _increment_version = _increment_version_fallback
+
+
 def _sparse_kernel(cls):
     fn = getattr(_fa, "sparse_adam_step", None)
     if fn is None:
@@ -252,7 +271,7 @@ class Adam(Optimizer):
         cls = type(self).__name__
         amsgrad = group["amsgrad"]
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-        ps, gs, ms, vs, vmaxs, states = [], [], [], [], [], []
+        ps, gs, ms, vs, vmaxs, states, tparams = [], [], [], [], [], [], []
         copy_back = []
         sparse = []
         for i, p in enumerate(group["params"]):
@@ -320,7 +339,8 @@ class Adam(Optimizer):
             if amsgrad:
                 vmaxs.append(cvt(tv[2]))
             states.append(state)
-        return ps, gs, ms, vs, vmaxs, states, copy_back, sparse
+            tparams.append(p)
+        return ps, gs, ms, vs, vmaxs, states, tparams, copy_back, sparse
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -341,7 +361,7 @@ class Adam(Optimizer):
         if found_inf is not None and _num(found_inf) != 0.0:
             return loss  # overflow: skip the update, steps unchanged (torch fused semantics)
         gs_val = None if grad_scale is None else _num(grad_scale)
-        for group, (ps, gs, ms, vs, vmaxs, states, copy_back, sparse) in zip(
+        for group, (ps, gs, ms, vs, vmaxs, states, tparams, copy_back, sparse) in zip(
                 self.param_groups, plans):
             lr = _num(group["lr"])
             b1, b2 = group["betas"]
@@ -358,6 +378,7 @@ class Adam(Optimizer):
                 torch._foreach_add_([st["step"] for st in states], 1.0)
                 for p, pv in copy_back:
                     p.copy_(pv)
+                _bump_versions(tparams)
             for p, g, state, where in sparse:
                 self._sparse_step(p, g, state, where, group, lr, betas, gs_val)
         return loss
@@ -380,6 +401,7 @@ class Adam(Optimizer):
             else None,
             maximize=group["maximize"], n_threads=self.n_threads)
         state["step"].add_(1.0)
+        _bump_versions([p])
 
 
 class AdamW(Adam):
@@ -483,10 +505,10 @@ class SparseAdam(Optimizer):
                         if t.shape != p.shape:
                             raise ValueError(f"SparseAdam: state '{k}' of {where} has shape "
                                              f"{tuple(t.shape)}, expected {tuple(p.shape)}")
-                work.append((group, state, ops))
+                work.append((group, state, ops, p))
         if work:
             kernel = _sparse_kernel("SparseAdam")
-        for group, state, (table, ids, vals) in work:
+        for group, state, (table, ids, vals), _ in work:
             step = int(state["step"]) + 1
             b1, b2 = group["betas"]
             kernel(table.numpy(), ids.numpy(), vals.detach().numpy(),
@@ -496,4 +518,5 @@ class SparseAdam(Optimizer):
                    eps=group["eps"], maximize=group.get("maximize", False),
                    n_threads=self.n_threads)
             state["step"] = step
+        _bump_versions([p for _, _, _, p in work])
         return loss

@@ -615,3 +615,15 @@ def test_ddp_and_zero_redundancy_optimizer(tmp_path):
     for x, y in zip(r0["ddp"], r0["zero"]):      # ZeRO's sharded step == plain step, bitwise
         assert torch.equal(x, y)
     assert r0["zero_state_steps"] == [float(steps)] * 4
+
+
+def test_step_bumps_autograd_version_like_torch(sparse_kernel):
+    """Modifying a parameter that a pending backward still needs raises, as with torch."""
+    for cls in (fat.Adam, torch.optim.Adam):
+        w = torch.nn.Parameter(torch.ones(4))
+        opt = cls([w], lr=0.1)
+        w.grad = torch.ones(4)
+        loss = (w * w).sum()       # saves w for backward
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()

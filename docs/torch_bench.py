@@ -1,0 +1,151 @@
+"""Torch-level optimizer step timings for docs/torch.md (issue 6, bullet 7).
+
+Times ``opt.step()`` -- the whole torch.optim.Optimizer machinery included
+(hooks, no_grad, param-group walk, state lookup, the update) -- of fastadam's
+drop-ins against torch's own optimizers, interleaved (A B A B ...) so drift
+and neighbours' load hit both alike; reports medians.
+
+    python docs/torch_bench.py gpt2      # 148 tensors, 124M params, AdamW
+    python docs/torch_bench.py tiny      # the same 148 tensors, 16 elements each (overhead)
+    python docs/torch_bench.py sparse    # skip-gram-like SparseAdam on a 1M x 128 table
+    python docs/torch_bench.py all
+
+Gradients are set once and reused: a step reads them and never writes them.
+Memory: gpt2 holds two copies of (params, grads, m, v) = ~4 GB.
+"""
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+import fastadam
+from fastadam import torch as fat
+
+
+def gpt2_shapes(vocab=50257, ctx=1024, d=768, layers=12):
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
+                   (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    shapes += [(d,), (d,)]
+    return shapes
+
+
+def make_dense(shapes, cls, **kw):
+    g = torch.Generator().manual_seed(0)
+    ps = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.empty(s).normal_(0, 0.02, generator=g))
+        p.grad = torch.empty(s).normal_(0, 1e-3, generator=g)
+        ps.append(p)
+    return ps, cls(ps, **kw)
+
+
+def interleaved(fns, repeats, warmup=2):
+    """fns: {name: callable}. Returns {name: [seconds...]} measured A B A B ..."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    out = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            out[k].append(time.perf_counter() - t0)
+    return out
+
+
+def report(title, times, ref, extra=None):
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{title}")
+    for k, m in med.items():
+        line = f"  {k:<34} median {m * 1e3:10.3f} ms  (min {min(times[k]) * 1e3:.3f}, " \
+               f"n={len(times[k])})"
+        if k != ref:
+            line += f"  speedup vs {ref}: {med[ref] / m:.2f}x"
+        print(line)
+    if extra:
+        print("  " + extra)
+    return {k: {"median_s": m, "min_s": min(times[k]), "n": len(times[k])}
+            for k, m in med.items()}
+
+
+def bench_dense(shapes, repeats, title):
+    n = sum(torch.Size(s).numel() for s in shapes)
+    kw = dict(lr=1e-4, weight_decay=0.1)
+    pa, oa = make_dense(shapes, fat.AdamW, **kw)
+    pb, ob = make_dense(shapes, torch.optim.AdamW, fused=True, **kw)
+    fns = {"fastadam.torch.AdamW": oa.step, "torch.optim.AdamW(fused=True)": ob.step}
+    if n < 10**6:
+        pc, oc = make_dense(shapes, torch.optim.AdamW, foreach=True, **kw)
+        pd, od = make_dense(shapes, torch.optim.AdamW, foreach=False, **kw)
+        fns["torch.optim.AdamW(foreach=True)"] = oc.step
+        fns["torch.optim.AdamW(foreach=False)"] = od.step
+    times = interleaved(fns, repeats)
+    gbs = 28 * n / statistics.median(times["fastadam.torch.AdamW"]) / 1e9
+    res = report(f"{title}: {len(shapes)} tensors, {n / 1e6:.2f}M params, fp32 AdamW", times,
+                 "torch.optim.AdamW(fused=True)",
+                 extra=f"fastadam effective traffic: {gbs:.1f} GB/s (28 bytes/element)")
+    same = all(torch.equal(a, b) for a, b in zip(pa, pb))
+    print(f"  params bitwise equal after {repeats + 2} identical steps: {same}")
+    del pa, pb, oa, ob
+    gc.collect()
+    return {"tensors": len(shapes), "params": n, "times": res, "bitwise_equal": same}
+
+
+def bench_sparse(repeats, rows=1_000_000, dim=128, batch=4096, window=4, negatives=5):
+    """Skip-gram with negative sampling: each step touches the context/negative rows of
+    the output table -- batch * (window + negatives) ids, Zipf-distributed (duplicates)."""
+    g = torch.Generator().manual_seed(0)
+    k = batch * (window + negatives)
+    # Zipf-like ids: frequent words repeat within a batch, as in real text
+    ranks = torch.arange(1, rows + 1, dtype=torch.float64)
+    probs = 1.0 / ranks
+    ids = torch.multinomial(probs / probs.sum(), k, replacement=True, generator=g)
+    res = {}
+    emb_a = torch.nn.Embedding(rows, dim, sparse=True)
+    emb_b = torch.nn.Embedding(rows, dim, sparse=True)
+    with torch.no_grad():
+        emb_b.weight.copy_(emb_a.weight)
+    w = torch.randn(k, dim, generator=g)
+    for e in (emb_a, emb_b):
+        (e(ids) * w).sum().backward()    # uncoalesced sparse grad, k rows
+    oa = fat.SparseAdam(emb_a.parameters(), lr=1e-3)
+    ob = torch.optim.SparseAdam(emb_b.parameters(), lr=1e-3)
+    times = interleaved({"fastadam.torch.SparseAdam": oa.step,
+                         "torch.optim.SparseAdam": ob.step}, repeats)
+    uniq = int(torch.unique(ids).numel())
+    res = report(f"sparse skip-gram: table {rows}x{dim} fp32, {k} ids/step "
+                 f"({uniq} distinct)", times, "torch.optim.SparseAdam")
+    diff = (emb_a.weight - emb_b.weight).abs().max().item()
+    print(f"  max |param diff| after {repeats + 2} identical steps: {diff:.3g}")
+    return {"rows": rows, "dim": dim, "ids_per_step": k, "distinct": uniq, "times": res,
+            "max_abs_diff": diff}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["gpt2", "tiny", "sparse", "all"], nargs="?", default="all")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, fastadam {fastadam.__version__}, "
+          f"torch threads {torch.get_num_threads()}, fastadam threads "
+          f"{fastadam.get_num_threads()}, kernels {fastadam.isa}")
+    out = {}
+    if a.what in ("tiny", "all"):
+        out["tiny"] = bench_dense([(16,)] * 148, a.repeats or 200, "overhead (tiny tensors)")
+    if a.what in ("gpt2", "all"):
+        out["gpt2"] = bench_dense(gpt2_shapes(), a.repeats or 9, "GPT-2 small")
+    if a.what in ("sparse", "all"):
+        out["sparse"] = bench_sparse(a.repeats or 30)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -234,6 +234,7 @@ class Adam(Optimizer):
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
+        self._fa_views = {}
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling the grads.
         self._step_supports_amp_scaling = True
@@ -255,7 +256,12 @@ class Adam(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
         self.__dict__.setdefault("n_threads", None)
+        self._fa_views = {}
         self._step_supports_amp_scaling = True
+
+    def load_state_dict(self, state_dict):
+        self._fa_views = {}  # drop views of the replaced state tensors
+        super().load_state_dict(state_dict)
 
     # -- the step ---------------------------------------------------------
     def _new_state(self, p, amsgrad):
@@ -269,15 +275,42 @@ class Adam(Optimizer):
     def _plan_group(self, gi, group):
         """Validate one group and gather zero-copy views. Writes nothing but new state."""
         cls = type(self).__name__
-        amsgrad = group["amsgrad"]
+        amsgrad = bool(group["amsgrad"])
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
         ps, gs, ms, vs, vmaxs, states, tparams = [], [], [], [], [], [], []
         copy_back = []
         sparse = []
+        cache = self._fa_views
+        state_of = self.state
+        strided = torch.strided
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
+            # Fast path: a contiguous real parameter stepped before, same state tensors,
+            # same memory: reuse the validated numpy views of p and its state; only the
+            # gradient (a new tensor after zero_grad) is checked and viewed afresh.
+            c = cache.get(p)
+            if c is not None:
+                state = state_of.get(p)
+                if (state is not None and c[0] is state.get("exp_avg")
+                        and c[1] is state.get("exp_avg_sq")
+                        and c[11] is amsgrad
+                        and c[2] is (state.get("max_exp_avg_sq") if amsgrad else None)
+                        and c[3] == p.data_ptr() and c[4] == p.stride()
+                        and c[5] is p.dtype and c[6] is state.get("step")
+                        and g.layout is strided and g.dtype is p.dtype and g.is_cpu
+                        and g.is_contiguous() and g.shape == p.shape):
+                    ps.append(c[7])
+                    gs.append((g.detach() if g.requires_grad else g).numpy())
+                    ms.append(c[8])
+                    vs.append(c[9])
+                    if amsgrad:
+                        vmaxs.append(c[10])
+                    states.append(state)
+                    tparams.append(p)
+                    continue
+                del cache[p]
             where = f"parameter {i} of param group {gi}"
             if p.device.type != "cpu" or (p.dtype not in _SUPPORTED and p.dtype not in _COMPLEX):
                 _check_param(cls, p, where)
@@ -313,6 +346,11 @@ class Adam(Optimizer):
             if p.is_contiguous() and g.is_contiguous() and all(t.is_contiguous() for t in sts):
                 pv, gv, tv = p, g, sts
                 cvt = _np
+                if not p.is_complex():
+                    views = [cvt(t) for t in tv]
+                    cache[p] = (sts[0], sts[1], sts[2] if amsgrad else None, p.data_ptr(),
+                                p.stride(), p.dtype, state["step"], cvt(p), views[0], views[1],
+                                views[2] if amsgrad else None, amsgrad)
             elif _is_dense(p):
                 # Permuted but gap-free (e.g. a transposed or channels_last weight):
                 # step the memory block in place; grad/state must share p's layout.

@@ -627,3 +627,39 @@ def test_step_bumps_autograd_version_like_torch(sparse_kernel):
         opt.step()
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
+
+
+def test_cached_views_follow_changes_between_steps():
+    """Replacing p.data or a state tensor, and load_state_dict, between steps."""
+    a = [torch.nn.Parameter(torch.randn(16)) for _ in range(2)]
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    oa = fat.Adam(a, lr=1e-2)
+    ob = torch.optim.Adam(b, lr=1e-2, fused=True)
+    for s in range(8):
+        _set_grads(a, b, s)
+        if s == 4:
+            new = torch.randn(16)
+            a[0].data = new.clone()
+            b[0].data = new.clone()
+        if s == 5:
+            for o in (oa, ob):
+                o.state[o.param_groups[0]["params"][1]]["exp_avg"] = torch.ones(16)
+        if s == 6:
+            oa.load_state_dict(_roundtrip(ob.state_dict()))
+        oa.step()
+        ob.step()
+        _assert_bitwise(a, b)
+
+
+def test_amsgrad_switched_on_later_creates_its_state():
+    p = torch.nn.Parameter(torch.randn(16))
+    opt = fat.Adam([p], lr=1e-2)
+    p.grad = torch.randn(16)
+    opt.step()
+    opt.param_groups[0]["amsgrad"] = True   # torch raises KeyError here; we create the state
+    opt.step()
+    st = opt.state[p]
+    assert torch.equal(st["max_exp_avg_sq"], st["exp_avg_sq"])
+    opt.param_groups[0]["amsgrad"] = False
+    opt.step()
+    assert float(st["step"]) == 3.0

@@ -349,7 +349,8 @@ def _lr(o):
     return float(v)
 
 
-def test_grad_scaler_matches_torch_fused_including_skipped_step():
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_grad_scaler_matches_torch_fused_including_skipped_step(unscale_first):
     torch.manual_seed(0)
     ma = torch.nn.Linear(16, 16)
     mb = copy.deepcopy(ma)
@@ -363,6 +364,9 @@ def test_grad_scaler_matches_torch_fused_including_skipped_step():
             o.zero_grad()
             loss = m(x).pow(2).mean() * (float("inf") if s == 3 else 1.0)
             sc.scale(loss).backward()
+            if unscale_first:   # e.g. to clip gradients before the step
+                sc.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             sc.step(o)
             sc.update()
         assert sa.get_scale() == sb.get_scale()

@@ -114,6 +114,15 @@ except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - older to
     _increment_version = _increment_version_fallback
 
 
+def _step_view(state):
+    """0-d numpy view of state['step'] (a CPU scalar tensor): read and written without
+    a torch dispatch per parameter."""
+    st = state["step"]
+    if st.device.type != "cpu" or st.dim() != 0 or st.dtype not in _SUPPORTED:
+        st = state["step"] = torch.tensor(float(st), dtype=_scalar_dtype())
+    return st.numpy()
+
+
 def _sparse_kernel(cls):
     fn = getattr(_fa, "sparse_adam_step", None)
     if fn is None:
@@ -307,7 +316,7 @@ class Adam(Optimizer):
                     vs.append(c[9])
                     if amsgrad:
                         vmaxs.append(c[10])
-                    states.append(state)
+                    states.append(c[12])
                     tparams.append(p)
                     continue
                 del cache[p]
@@ -350,7 +359,7 @@ class Adam(Optimizer):
                     views = [cvt(t) for t in tv]
                     cache[p] = (sts[0], sts[1], sts[2] if amsgrad else None, p.data_ptr(),
                                 p.stride(), p.dtype, state["step"], cvt(p), views[0], views[1],
-                                views[2] if amsgrad else None, amsgrad)
+                                views[2] if amsgrad else None, amsgrad, _step_view(state))
             elif _is_dense(p):
                 # Permuted but gap-free (e.g. a transposed or channels_last weight):
                 # step the memory block in place; grad/state must share p's layout.
@@ -376,7 +385,7 @@ class Adam(Optimizer):
             vs.append(cvt(tv[1]))
             if amsgrad:
                 vmaxs.append(cvt(tv[2]))
-            states.append(state)
+            states.append(_step_view(state))
             tparams.append(p)
         return ps, gs, ms, vs, vmaxs, states, tparams, copy_back, sparse
 
@@ -406,14 +415,16 @@ class Adam(Optimizer):
             betas = (_num(b1), _num(b2))
             amsgrad = group["amsgrad"]
             if ps:
-                steps = [int(st["step"].item()) + 1 for st in states]
-                _F.adam(ps, gs, ms, vs, steps=steps, lr=lr, betas=betas, eps=group["eps"],
+                steps = [int(sv) + 1 for sv in states]   # states: 0-d views of 'step'
+                s0 = steps[0]
+                _F.adam(ps, gs, ms, vs, steps=s0 if steps.count(s0) == len(steps) else steps, lr=lr, betas=betas, eps=group["eps"],
                         weight_decay=group["weight_decay"],
                         decoupled_weight_decay=group["decoupled_weight_decay"],
                         amsgrad=amsgrad, max_exp_avg_sqs=vmaxs if amsgrad else None,
                         maximize=group["maximize"], grad_scale=gs_val,
                         n_threads=self.n_threads)
-                torch._foreach_add_([st["step"] for st in states], 1.0)
+                for sv, s in zip(states, steps):
+                    sv[()] = s
                 for p, pv in copy_back:
                     p.copy_(pv)
                 _bump_versions(tparams)

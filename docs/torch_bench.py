@@ -45,8 +45,36 @@ def make_dense(shapes, cls, **kw):
     return ps, cls(ps, **kw)
 
 
+def _busy_fraction(dt=0.5):
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)          # idle + iowait, total
+    i0, t0 = read()
+    time.sleep(dt)
+    i1, t1 = read()
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_idle(max_s):
+    """Wait (up to max_s seconds) until the machine is nearly idle (other jobs share it)."""
+    if not max_s:
+        return
+    end = time.time() + max_s
+    while time.time() < end:
+        busy = _busy_fraction()
+        if busy < 0.1:
+            return
+        time.sleep(2.0)
+    print(f"  (machine still busy after waiting {max_s} s: {busy:.0%} busy; timing anyway)")
+
+
+WAIT_IDLE = 0
+
+
 def interleaved(fns, repeats, warmup=2):
     """fns: {name: callable}. Returns {name: [seconds...]} measured A B A B ..."""
+    wait_idle(WAIT_IDLE)
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -70,6 +98,10 @@ def report(title, times, ref, extra=None):
         print(line)
     if extra:
         print("  " + extra)
+    for k in times:
+        if k != ref:   # ratio of adjacent samples: robust to drift in the machine's load
+            r = statistics.median(a / b for a, b in zip(times[ref], times[k]))
+            print(f"  median of paired ratios {ref} / {k}: {r:.2f}x")
     return {k: {"median_s": m, "min_s": min(times[k]), "n": len(times[k])}
             for k, m in med.items()}
 
@@ -139,7 +171,16 @@ def main():
     ap.add_argument("what", choices=["gpt2", "tiny", "sparse", "all"], nargs="?", default="all")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for both torch and fastadam (default: their defaults)")
+    ap.add_argument("--wait-idle", type=float, default=0,
+                    help="seconds to wait for an idle machine before each benchmark")
     a = ap.parse_args()
+    global WAIT_IDLE
+    WAIT_IDLE = a.wait_idle
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        fastadam.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, fastadam {fastadam.__version__}, "
           f"torch threads {torch.get_num_threads()}, fastadam threads "
           f"{fastadam.get_num_threads()}, kernels {fastadam.isa}")

@@ -174,9 +174,7 @@ def _as_state_layout(state, key, p, view):
     for a contiguous parameter) is re-laid out ONCE and stored back.
     """
     t = state[key]
-    if _same_layout(t, p):
-        return t
-    if view == "contiguous" and t.is_contiguous():
+    if t.is_contiguous() if view == "contiguous" else _same_layout(t, p):
         return t
     nt = torch.empty_like(p, memory_format=torch.preserve_format) if view == "dense" \
         else torch.empty(p.shape, dtype=p.dtype)
@@ -329,14 +327,19 @@ class Adam(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state.update(self._new_state(p, amsgrad))
-            else:
-                if not torch.is_tensor(state["step"]):
-                    state["step"] = torch.tensor(float(state["step"]), dtype=_scalar_dtype())
-                if amsgrad and "max_exp_avg_sq" not in state:
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format)
+            elif amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            step_view = _step_view(state)   # converts an int/float step to a tensor
             if g.is_sparse:
-                sparse.append((p, g, state, where))
+                ops = _sparse_operands(cls, p, g, where)
+                for k in keys:
+                    t = state[k]
+                    if t.shape != p.shape or t.dtype != p.dtype or t.device.type != "cpu":
+                        raise ValueError(f"{cls}: state '{k}' of {where} is {t.dtype} "
+                                         f"{tuple(t.shape)} on {t.device}; expected {p.dtype} "
+                                         f"{tuple(p.shape)} on cpu")
+                    _as_state_layout(state, k, p, "contiguous")
+                sparse.append((p, state, ops))
                 continue
             if g.layout != torch.strided:
                 raise ValueError(f"{cls}: the gradient of {where} has layout {g.layout}; "
@@ -359,7 +362,7 @@ class Adam(Optimizer):
                     views = [cvt(t) for t in tv]
                     cache[p] = (sts[0], sts[1], sts[2] if amsgrad else None, p.data_ptr(),
                                 p.stride(), p.dtype, state["step"], cvt(p), views[0], views[1],
-                                views[2] if amsgrad else None, amsgrad, _step_view(state))
+                                views[2] if amsgrad else None, amsgrad, step_view)
             elif _is_dense(p):
                 # Permuted but gap-free (e.g. a transposed or channels_last weight):
                 # step the memory block in place; grad/state must share p's layout.
@@ -385,7 +388,7 @@ class Adam(Optimizer):
             vs.append(cvt(tv[1]))
             if amsgrad:
                 vmaxs.append(cvt(tv[2]))
-            states.append(_step_view(state))
+            states.append(step_view)
             tparams.append(p)
         return ps, gs, ms, vs, vmaxs, states, tparams, copy_back, sparse
 
@@ -417,24 +420,30 @@ class Adam(Optimizer):
             if ps:
                 steps = [int(sv) + 1 for sv in states]   # states: 0-d views of 'step'
                 s0 = steps[0]
-                _F.adam(ps, gs, ms, vs, steps=s0 if steps.count(s0) == len(steps) else steps, lr=lr, betas=betas, eps=group["eps"],
+                if steps.count(s0) == len(steps):
+                    steps = s0              # one int: validated once
+                _F.adam(ps, gs, ms, vs, steps=steps, lr=lr, betas=betas, eps=group["eps"],
                         weight_decay=group["weight_decay"],
                         decoupled_weight_decay=group["decoupled_weight_decay"],
                         amsgrad=amsgrad, max_exp_avg_sqs=vmaxs if amsgrad else None,
                         maximize=group["maximize"], grad_scale=gs_val,
                         n_threads=self.n_threads)
-                for sv, s in zip(states, steps):
-                    sv[()] = s
+                if isinstance(steps, int):
+                    for sv in states:
+                        sv[()] = steps
+                else:
+                    for sv, s in zip(states, steps):
+                        sv[()] = s
                 for p, pv in copy_back:
                     p.copy_(pv)
                 _bump_versions(tparams)
-            for p, g, state, where in sparse:
-                self._sparse_step(p, g, state, where, group, lr, betas, gs_val)
+            for p, state, ops in sparse:
+                self._sparse_step(p, state, ops, group, lr, betas, gs_val)
         return loss
 
-    def _sparse_step(self, p, g, state, where, group, lr, betas, gs_val):
+    def _sparse_step(self, p, state, ops, group, lr, betas, gs_val):
         cls = type(self).__name__
-        table, ids, vals = _sparse_operands(cls, p, g, where)
+        table, ids, vals = ops
         if gs_val is not None:
             vals = vals / gs_val
         amsgrad = group["amsgrad"]

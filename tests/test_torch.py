@@ -674,7 +674,8 @@ def test_bad_sparse_grad_in_second_group_writes_nothing(sparse_kernel):
     emb = torch.nn.Parameter(torch.ones(2, 4).t())   # a transposed table
     opt = fat.Adam([{"params": [dense]}, {"params": [emb]}], lr=0.1)
     dense.grad = torch.ones(16)
-    emb.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (4, 2))
+    emb.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (4, 2),
+                                       check_invariants=True)
     with pytest.raises(ValueError, match="must be contiguous"):
         opt.step()
     assert torch.equal(dense, torch.ones(16)) and torch.equal(emb, torch.ones(4, 2))

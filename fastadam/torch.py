@@ -266,6 +266,11 @@ class Adam(Optimizer):
         self._fa_views = {}
         self._step_supports_amp_scaling = True
 
+    def __getstate__(self):
+        d = super().__getstate__()
+        d["n_threads"] = self.n_threads   # the cached numpy views are not pickled
+        return d
+
     def load_state_dict(self, state_dict):
         self._fa_views = {}  # drop views of the replaced state tensors
         super().load_state_dict(state_dict)
@@ -523,6 +528,11 @@ class SparseAdam(Optimizer):
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 _check_param("SparseAdam", p, f"parameter {i} of param group {gi}")
+
+    def __getstate__(self):
+        d = super().__getstate__()
+        d["n_threads"] = self.n_threads
+        return d
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -679,3 +679,20 @@ def test_bad_sparse_grad_in_second_group_writes_nothing(sparse_kernel):
     with pytest.raises(ValueError, match="must be contiguous"):
         opt.step()
     assert torch.equal(dense, torch.ones(16)) and torch.equal(emb, torch.ones(4, 2))
+
+
+def test_pickle_and_deepcopy_keep_working():
+    import pickle
+    p = torch.nn.Parameter(torch.randn(32))
+    opt = fat.AdamW([p], lr=1e-2, n_threads=1)
+    p.grad = torch.randn(32)
+    opt.step()
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        q = clone.param_groups[0]["params"][0]
+        assert q is not p and torch.equal(q, p)
+        q.grad = p.grad.clone()
+        before = p.detach().clone()
+        clone.step()
+        assert not torch.equal(q, before) and torch.equal(p, before)
+        assert float(clone.state[q]["step"]) == 2.0 and float(opt.state[p]["step"]) == 1.0
+        assert clone.n_threads == 1

@@ -8,6 +8,7 @@ and neighbours' load hit both alike; reports medians.
     python docs/torch_bench.py gpt2      # 148 tensors, 124M params, AdamW
     python docs/torch_bench.py tiny      # the same 148 tensors, 16 elements each (overhead)
     python docs/torch_bench.py sparse    # skip-gram-like SparseAdam on a 1M x 128 table
+    python docs/torch_bench.py mixed     # one fastadam Adam vs torch Adam + SparseAdam
     python docs/torch_bench.py all
 
 Gradients are set once and reused: a step reads them and never writes them.
@@ -166,9 +167,45 @@ def bench_sparse(repeats, rows=1_000_000, dim=128, batch=4096, window=4, negativ
             "max_abs_diff": diff}
 
 
+def bench_mixed(repeats, rows=1_000_000, dim=64, batch=2048, bag=20):
+    """Recommender-like model: a sparse EmbeddingBag table plus a dense MLP. fastadam: ONE
+    Adam over everything; torch: Adam(fused=True) for the MLP + SparseAdam for the table."""
+    g = torch.Generator().manual_seed(0)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.ModuleDict({
+            "emb": torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True),
+            "mlp": torch.nn.Sequential(torch.nn.Linear(dim, 1024), torch.nn.ReLU(),
+                                       torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+                                       torch.nn.Linear(1024, 1))})
+
+    ranks = torch.arange(1, rows + 1, dtype=torch.float64)
+    ids = torch.multinomial(1.0 / ranks, batch * bag, replacement=True, generator=g)
+    ids = ids.view(batch, bag)
+    ma, mb = model(), model()
+    for m in (ma, mb):
+        m["mlp"](m["emb"](ids)).sum().backward()
+    oa = fat.Adam(ma.parameters(), lr=1e-3)
+    od = torch.optim.Adam(mb["mlp"].parameters(), lr=1e-3, fused=True)
+    osp = torch.optim.SparseAdam(mb["emb"].parameters(), lr=1e-3)
+
+    def torch_pair():
+        od.step()
+        osp.step()
+
+    times = interleaved({"fastadam.torch.Adam (one optimizer)": oa.step,
+                         "torch Adam(fused) + SparseAdam": torch_pair}, repeats)
+    nd = sum(p.numel() for p in ma["mlp"].parameters())
+    res = report(f"mixed: EmbeddingBag {rows}x{dim} (sparse grads, {batch * bag} ids) + MLP "
+                 f"({nd / 1e6:.2f}M dense params)", times, "torch Adam(fused) + SparseAdam")
+    return {"rows": rows, "dim": dim, "ids_per_step": batch * bag, "dense_params": nd,
+            "times": res}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["gpt2", "tiny", "sparse", "all"], nargs="?", default="all")
+    ap.add_argument("what", choices=["gpt2", "tiny", "sparse", "mixed", "all"], nargs="?", default="all")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=0,
@@ -191,6 +228,8 @@ def main():
         out["gpt2"] = bench_dense(gpt2_shapes(), a.repeats or 9, "GPT-2 small")
     if a.what in ("sparse", "all"):
         out["sparse"] = bench_sparse(a.repeats or 30)
+    if a.what in ("mixed", "all"):
+        out["mixed"] = bench_mixed(a.repeats or 30)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

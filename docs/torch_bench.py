@@ -205,7 +205,8 @@ def bench_mixed(repeats, rows=1_000_000, dim=64, batch=2048, bag=20):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["gpt2", "tiny", "sparse", "mixed", "all"], nargs="?", default="all")
+    ap.add_argument("what", choices=["gpt2", "tiny", "sparse", "mixed", "all"], nargs="?",
+                    default="all")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=0,

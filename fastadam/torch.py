@@ -16,7 +16,6 @@ does not.
 """
 import math
 
-import numpy as np
 import torch
 from torch.optim.optimizer import Optimizer
 

@@ -74,6 +74,32 @@ def make_data(seed=1, n=16):
     return torch.randn(n, 16, generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
+def make_bag(seed=0):
+    import torch
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.EmbeddingBag(50, 16, mode="mean", sparse=True),
+                               torch.nn.Linear(16, 4))
+
+
+def make_bag_data(seed=2, n=16):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50, (n, 6), generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def train_single_mixed(steps, lr=1e-2):
+    import torch
+    from fastadam.torch import AdamW
+    model = make_bag()
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    ids, y = make_bag_data()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def train_single(steps, lr=1e-2):
     """Reference: one process, the whole batch, fastadam.torch.AdamW."""
     import torch
@@ -121,6 +147,19 @@ def ddp_worker(rank, world, port, steps, out_dir, lr=1e-2):
                     results["zero_state_steps"] = sorted(
                         float(st["step"]) for st in sd["state"].values())
             results[mode] = [p.detach().clone() for p in model.module.parameters()]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        if not HAVE_NATIVE_SPARSE:
+            return
+        # Mixed dense + sparse parameters under DDP (sparse gradients all-reduced by gloo)
+        model = DDP(make_bag())
+        opt = AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        ids, yb = make_bag_data()
+        ids, yb = ids.chunk(world)[rank], yb.chunk(world)[rank]
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(ids), yb).backward()
+            opt.step()
+        results["mixed"] = [p.detach().clone() for p in model.module.parameters()]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

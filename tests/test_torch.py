@@ -619,6 +619,12 @@ def test_ddp_and_zero_redundancy_optimizer(tmp_path):
     for x, y in zip(r0["ddp"], r0["zero"]):      # ZeRO's sharded step == plain step, bitwise
         assert torch.equal(x, y)
     assert r0["zero_state_steps"] == [float(steps)] * 4
+    if not H.HAVE_NATIVE_SPARSE:
+        pytest.skip("DDP part with sparse gradients needs fastadam.sparse_adam_step")
+    mixed = H.train_single_mixed(steps)   # sparse embedding grads all-reduced by gloo
+    for x, y, z in zip(r0["mixed"], r1["mixed"], mixed):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6)
 
 
 def test_step_bumps_autograd_version_like_torch(sparse_kernel):

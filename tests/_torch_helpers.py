@@ -1,0 +1,165 @@
+"""Helpers for tests/test_torch*.py (not a conftest: the lead owns conftest.py)."""
+import math
+import os
+import socket
+
+import numpy as np
+
+import fastadam
+
+HAVE_NATIVE_SPARSE = hasattr(fastadam, "sparse_adam_step")
+
+
+def sparse_adam_step_ref(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step, lr=1e-3,
+                         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                         decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
+                         maximize=False, row_step=None, n_threads=None):
+    """Plain-numpy stand-in for fastadam.sparse_adam_step (DESIGN.md sparse semantics),
+    used only while the native sparse path is not in this branch."""
+    assert row_step is None
+    b1, b2 = betas
+    dt = table.dtype.type
+    ids = np.asarray(indices, dtype=np.int64)
+    if ids.size == 0:
+        return
+    uniq, inv = np.unique(ids, return_inverse=True)
+    g = np.zeros((uniq.size,) + table.shape[1:], dtype=table.dtype)
+    np.add.at(g, inv, grad_rows)
+    if maximize:
+        g = -g
+    p = table[uniq]
+    if weight_decay and not decoupled_weight_decay:
+        g = g + dt(weight_decay) * p
+    if weight_decay and decoupled_weight_decay:
+        p = p * dt(1 - lr * weight_decay)
+    m = exp_avg[uniq]
+    v = exp_avg_sq[uniq]
+    m = m + (g - m) * dt(1 - b1)
+    v = v + (g * g - v) * dt(1 - b2)
+    exp_avg[uniq] = m
+    exp_avg_sq[uniq] = v
+    if amsgrad:
+        vm = np.maximum(max_exp_avg_sq[uniq], v)
+        max_exp_avg_sq[uniq] = vm
+        v = vm
+    bc1 = 1 - b1 ** step
+    bc2 = 1 - b2 ** step
+    ss = lr * math.sqrt(bc2) / bc1
+    table[uniq] = p + dt(-ss) * (m / (np.sqrt(v) + dt(eps)))
+
+
+def install_sparse_fallback(monkeypatch):
+    """Make fastadam.sparse_adam_step exist (numpy stand-in) when the native one is absent."""
+    if not HAVE_NATIVE_SPARSE:
+        monkeypatch.setattr(fastadam, "sparse_adam_step", sparse_adam_step_ref, raising=False)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- distributed workers (module level so torch.multiprocessing.spawn can pickle them) --------
+
+def make_mlp(seed=0):
+    import torch
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+
+
+def make_data(seed=1, n=16):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 16, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def make_bag(seed=0):
+    import torch
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.EmbeddingBag(50, 16, mode="mean", sparse=True),
+                               torch.nn.Linear(16, 4))
+
+
+def make_bag_data(seed=2, n=16):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50, (n, 6), generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def train_single_mixed(steps, lr=1e-2):
+    import torch
+    from fastadam.torch import AdamW
+    model = make_bag()
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    ids, y = make_bag_data()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def train_single(steps, lr=1e-2):
+    """Reference: one process, the whole batch, fastadam.torch.AdamW."""
+    import torch
+    from fastadam.torch import AdamW
+    model = make_mlp()
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    x, y = make_data()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def ddp_worker(rank, world, port, steps, out_dir, lr=1e-2):
+    """DDP with plain fastadam AdamW and DDP with ZeroRedundancyOptimizer(fastadam AdamW)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from fastadam.torch import AdamW
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y = make_data()
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]  # equal halves: mean of means
+        results = {}
+        for mode in ("ddp", "zero"):
+            model = DDP(make_mlp())
+            if mode == "ddp":
+                opt = AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+            else:
+                opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=AdamW,
+                                              lr=lr, weight_decay=0.1)
+            for _ in range(steps):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xs), ys).backward()
+                opt.step()
+            if mode == "zero":
+                opt.consolidate_state_dict(to=0)
+                if rank == 0:
+                    sd = opt.state_dict()
+                    results["zero_state_steps"] = sorted(
+                        float(st["step"]) for st in sd["state"].values())
+            results[mode] = [p.detach().clone() for p in model.module.parameters()]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        if not HAVE_NATIVE_SPARSE:
+            return
+        # Mixed dense + sparse parameters under DDP (sparse gradients all-reduced by gloo)
+        model = DDP(make_bag())
+        opt = AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        ids, yb = make_bag_data()
+        ids, yb = ids.chunk(world)[rank], yb.chunk(world)[rank]
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(ids), yb).backward()
+            opt.step()
+        results["mixed"] = [p.detach().clone() for p in model.module.parameters()]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -114,52 +114,61 @@ def train_single(steps, lr=1e-2):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _train_ddp(model, opt, x, y, steps):
+    import torch
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
 def ddp_worker(rank, world, port, steps, out_dir, lr=1e-2):
-    """DDP with plain fastadam AdamW and DDP with ZeroRedundancyOptimizer(fastadam AdamW)."""
+    """DDP with plain fastadam AdamW, DDP with ZeroRedundancyOptimizer(fastadam AdamW),
+    and DDP of a model with sparse embedding gradients (mixed fastadam AdamW)."""
+    import gc
+
     import torch
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
     from fastadam.torch import AdamW
+    import faulthandler
+    faulthandler.dump_traceback_later(75, exit=True)   # a hang prints its stack and exits
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
     try:
         x, y = make_data()
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]  # equal halves: mean of means
-        results = {}
-        for mode in ("ddp", "zero"):
-            model = DDP(make_mlp())
-            if mode == "ddp":
-                opt = AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-            else:
-                opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=AdamW,
-                                              lr=lr, weight_decay=0.1)
-            for _ in range(steps):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(xs), ys).backward()
-                opt.step()
-            if mode == "zero":
-                opt.consolidate_state_dict(to=0)
-                if rank == 0:
-                    sd = opt.state_dict()
-                    results["zero_state_steps"] = sorted(
-                        float(st["step"]) for st in sd["state"].values())
-            results[mode] = [p.detach().clone() for p in model.module.parameters()]
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        if not HAVE_NATIVE_SPARSE:
-            return
-        # Mixed dense + sparse parameters under DDP (sparse gradients all-reduced by gloo)
-        model = DDP(make_bag())
-        opt = AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        ids, yb = make_bag_data()
-        ids, yb = ids.chunk(world)[rank], yb.chunk(world)[rank]
-        for _ in range(steps):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(ids), yb).backward()
-            opt.step()
-        results["mixed"] = [p.detach().clone() for p in model.module.parameters()]
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        model = DDP(make_mlp())
+        opt = AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+        _train_ddp(model, opt, xs, ys, steps)
+        results["ddp"] = [p.detach().clone() for p in model.module.parameters()]
+        del model, opt
+
+        model = DDP(make_mlp())
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=AdamW, lr=lr,
+                                      weight_decay=0.1)
+        _train_ddp(model, opt, xs, ys, steps)
+        opt.consolidate_state_dict(to=0)
+        if rank == 0:
+            results["zero_state_steps"] = sorted(
+                float(st["step"]) for st in opt.state_dict()["state"].values())
+        results["zero"] = [p.detach().clone() for p in model.module.parameters()]
+        del model, opt
+
+        if HAVE_NATIVE_SPARSE:   # sparse gradients are all-reduced by gloo
+            ids, yb = make_bag_data()
+            model = DDP(make_bag())
+            opt = AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+            _train_ddp(model, opt, ids.chunk(world)[rank], yb.chunk(world)[rank], steps)
+            results["mixed"] = [p.detach().clone() for p in model.module.parameters()]
+            del model, opt
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    faulthandler.cancel_dump_traceback_later()

@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -607,8 +608,14 @@ def test_real_models_match_torch(model, cls):
 def test_ddp_and_zero_redundancy_optimizer(tmp_path):
     steps = 5
     port = H.free_port()
-    torch.multiprocessing.spawn(H.ddp_worker, args=(2, port, steps, str(tmp_path)), nprocs=2,
-                                join=True)
+    ctx = torch.multiprocessing.spawn(H.ddp_worker, args=(2, port, steps, str(tmp_path)),
+                                      nprocs=2, join=False)
+    deadline = time.monotonic() + 90
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("DDP workers did not finish within 90 s")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     single = H.train_single(steps)

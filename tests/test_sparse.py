@@ -330,7 +330,6 @@ def test_memmap_table_with_64bit_offsets(tmp_path):
     g = rng.standard_normal((idx.size, dim)).astype(dtype)
     table[idx] = rng.standard_normal((idx.size, dim)).astype(dtype)
     rows = np.unique(idx)
-    ref = [np.zeros((n_rows, dim), dtype)[:0]]  # placeholder to keep names short
     small_p = np.array(table[rows]); small_m = np.zeros_like(small_p)
     small_v = np.zeros_like(small_p)
     remap = {r: i for i, r in enumerate(rows)}
@@ -338,7 +337,6 @@ def test_memmap_table_with_64bit_offsets(tmp_path):
     for step in (1, 2):
         fa.sparse_adam_step(table, idx, g, m, v, step=step, n_threads=2)
         R.sparse_adam(small_p, small_idx, g, small_m, small_v, step=step)
-    del ref
     assert_bitwise([np.array(table[rows]), np.array(m[rows]), np.array(v[rows])],
                    [small_p, small_m, small_v], "memmap")
     assert not np.any(table[1]) and not np.any(m[n_rows - 2])

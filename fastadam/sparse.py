@@ -307,7 +307,7 @@ class SparseAdam:
     _EXT = (("weight_decay", 0.0), ("decoupled_weight_decay", False), ("amsgrad", False),
             ("rowwise", False), ("per_row_step", False))
 
-    def __init__(self, table, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *, maximize=False,
+    def __init__(self, table, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *,
                  weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, rowwise=False,
                  per_row_step=False, exp_avg=None, exp_avg_sq=None, max_exp_avg_sq=None,
                  row_step=None, n_threads=None):

@@ -330,7 +330,6 @@ def test_memmap_table_with_64bit_offsets(tmp_path):
     g = rng.standard_normal((idx.size, dim)).astype(dtype)
     table[idx] = rng.standard_normal((idx.size, dim)).astype(dtype)
     rows = np.unique(idx)
-    ref = [np.zeros((n_rows, dim), dtype)[:0]]  # placeholder to keep names short
     small_p = np.array(table[rows]); small_m = np.zeros_like(small_p)
     small_v = np.zeros_like(small_p)
     remap = {r: i for i, r in enumerate(rows)}
@@ -338,7 +337,6 @@ def test_memmap_table_with_64bit_offsets(tmp_path):
     for step in (1, 2):
         fa.sparse_adam_step(table, idx, g, m, v, step=step, n_threads=2)
         R.sparse_adam(small_p, small_idx, g, small_m, small_v, step=step)
-    del ref
     assert_bitwise([np.array(table[rows]), np.array(m[rows]), np.array(v[rows])],
                    [small_p, small_m, small_v], "memmap")
     assert not np.any(table[1]) and not np.any(m[n_rows - 2])
@@ -521,3 +519,29 @@ def test_first_bad_position_reported_with_parallel_merge(n_threads):
     with pytest.raises(ValueError, match=r"row_step\[\d+\] = -1"):
         fa.sparse_adam_step(table, bad, g, m, v, step=1, row_step=rs, n_threads=n_threads)
     assert_bitwise([table, m, v, rs], before, "parallel merge errors")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_isa_module_bitwise_identical(dtype, monkeypatch):
+    import importlib
+
+    from fastadam import _dispatch, sparse
+    isas = _dispatch.available_modules()
+    n_rows, dim, k = 500, 37, 3000
+    idx, g = make_batch(n_rows, dim, k, dtype, seed=9)
+    results = []
+    for isa in isas:
+        mod = importlib.import_module(f"fastadam._kernels_{isa}")
+        monkeypatch.setitem(sparse._SPARSE, np.dtype(dtype),
+                            getattr(mod, "sparse_adam32" if dtype == np.float32
+                                    else "sparse_adam64"))
+        for rowwise in (False, True):
+            bufs = make_sparse_state(n_rows, dim, dtype, rowwise=rowwise, amsgrad=True,
+                                     row_step=rowwise)
+            fa.sparse_adam_step(bufs[0], idx, g, bufs[1], bufs[2], step=2, amsgrad=True,
+                                max_exp_avg_sq=bufs[3], row_step=bufs[4], weight_decay=0.1,
+                                n_threads=2)
+            results.append((isa, rowwise, bufs))
+    for isa, rowwise, bufs in results:
+        ref = next(b for i, r, b in results if r == rowwise)
+        assert_bitwise(bufs, ref, f"{isa} rowwise={rowwise}")

@@ -1,0 +1,301 @@
+"""Output: speedups, terminal tables, Markdown, JSON, plots."""
+import json
+import math
+import os
+
+from . import peers as P
+from .scenarios import SPARSE_OURS
+
+GROUP_KEYS = {
+    "dense": ("variant", "dtype", "threads", "n"),
+    "overhead": ("dtype", "threads"),
+    "many": ("model", "dtype", "threads"),
+    "sparse": ("rows", "dim", "batch", "zipf", "dtype", "threads"),
+}
+
+
+def _is_ours(rec):
+    ours = SPARSE_OURS if rec["scenario"] == "sparse" else P.OURS + ("fastadam-kernel",)
+    return rec["impl"] in ours
+
+
+def add_speedups(records):
+    """``vs_best_peer`` (best peer's median / this median) and ``best_peer`` on
+    every record of a scenario with peers; the numpy reference is never a peer."""
+    groups = {}
+    for r in records:
+        keys = GROUP_KEYS.get(r["scenario"])
+        if keys:
+            groups.setdefault((r["scenario"],) + tuple(r.get(k) for k in keys), []).append(r)
+    for rs in groups.values():
+        peers = [r for r in rs if not _is_ours(r) and r["impl"] not in P.NOT_PEERS]
+        if not peers:
+            continue
+        best = min(peers, key=lambda r: r["median_s"])
+        for r in rs:
+            r["best_peer"] = best["impl"]
+            r["vs_best_peer"] = best["median_s"] / r["median_s"]
+            for q in peers:
+                r.setdefault("vs", {})[q["impl"]] = q["median_s"] / r["median_s"]
+    return records
+
+
+def fmt_t(s):
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "-"
+    if s < 1e-6:
+        return f"{s * 1e9:.0f} ns"
+    if s < 1e-3:
+        return f"{s * 1e6:.3g} us"
+    if s < 1:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s:.3g} s"
+
+
+def fmt_n(n):
+    if n and n & (n - 1) == 0:
+        return f"2^{int(math.log2(n))}"
+    return f"{n:,}"
+
+
+def _table(headers, rows):
+    return {"headers": headers, "rows": [[str(c) for c in r] for r in rows]}
+
+
+def _order(impls, preferred):
+    return [i for i in preferred if i in impls] + sorted(i for i in impls if i not in preferred)
+
+
+IMPL_ORDER = ("fastadam", "fastadam-kernel", "fastadam.Adam", "fastadam.torch",
+              "fastadam-premerged", "fastadam.SparseAdam", "torch-fused", "torch-foreach",
+              "torch", "deepspeed", "numpy-ref")
+
+
+def tables(result):
+    """All tables as (title, {"headers", "rows"}) in display order."""
+    recs = result["results"]
+    out = []
+    bw = result.get("bandwidth")
+    if bw:
+        rows = []
+        for t, d in sorted(bw["by_threads"].items(), key=lambda kv: int(kv[0])):
+            probes = [k for k, v in d.items() if isinstance(v, dict)]
+            rows.append([t] + [f"{d[k]['median_gbs']:.1f} ({d[k]['min_gbs']:.1f}-"
+                               f"{d[k]['max_gbs']:.1f})" for k in probes]
+                        + [f"**{d['bound_gbs']:.1f}** ({d['bound_probe']})",
+                           f"{28 / d['bound_gbs']:.3f}", f"{56 / d['bound_gbs']:.3f}"])
+        out.append((f"Memory bandwidth, GB/s (median (min-max); float32 arrays of "
+                    f"{bw['bytes_per_array'] / 2**20:.0f} MiB)",
+                    _table(["threads"] + probes + ["bound", "bound ns/elem fp32 (28 B)",
+                                                   "fp64 (56 B)"], rows)))
+    # dense
+    dense = [r for r in recs if r["scenario"] == "dense"]
+    for key in sorted({(r["variant"], r["dtype"], r["threads"]) for r in dense}):
+        rs = [r for r in dense if (r["variant"], r["dtype"], r["threads"]) == key]
+        impls = _order({r["impl"] for r in rs}, IMPL_ORDER)
+        sizes = sorted({r["n"] for r in rs})
+        rows = []
+        for n in sizes:
+            by = {r["impl"]: r for r in rs if r["n"] == n}
+            f = by.get("fastadam")
+            row = [fmt_n(n)] + [fmt_t(by[i]["median_s"]) if i in by else "-" for i in impls]
+            if f:
+                row += [f"{f['ns_per_elem']:.3g}", f"{f.get('pct_bound', float('nan')):.0f}%",
+                        f"{f['vs_best_peer']:.2f}x ({f['best_peer']})" if "vs_best_peer" in f
+                        else "-"]
+            rows.append(row)
+        out.append((f"Dense {key[0]}, {key[1]}, {key[2]} thread{'s' if key[2] > 1 else ''}: "
+                    "time per step (median)",
+                    _table(["elements"] + impls + ["fastadam ns/elem", "fastadam % of bound",
+                                                   "fastadam vs best peer"], rows)))
+    # overhead
+    ov = [r for r in recs if r["scenario"] == "overhead"]
+    for dt in sorted({r["dtype"] for r in ov}):
+        rs = sorted([r for r in ov if r["dtype"] == dt], key=lambda r: r["median_s"])
+        rows = [[r["impl"], f"{r['median_s'] * 1e6:.2f}",
+                 f"{r['min_s'] * 1e6:.2f}-{r['max_s'] * 1e6:.2f}",
+                 f"{r['vs_best_peer']:.2f}x" if "vs_best_peer" in r else "-"] for r in rs]
+        out.append((f"Per-call overhead, 16 elements, {dt}",
+                    _table(["impl", "us/call", "min-max", "vs best peer"], rows)))
+    # many
+    many = [r for r in recs if r["scenario"] == "many"]
+    for key in sorted({(r["model"], r["dtype"], r["threads"]) for r in many}):
+        rs = [r for r in many if (r["model"], r["dtype"], r["threads"]) == key]
+        rs = sorted(rs, key=lambda r: r["median_s"])
+        rows = [[r["impl"], f"{r['ms_per_step']:.1f}",
+                 f"{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}", f"{r['ns_per_elem']:.3f}",
+                 f"{r.get('pct_bound', float('nan')):.0f}%",
+                 f"{r['vs'].get('torch-fused', float('nan')):.2f}x" if r.get("vs") else "-",
+                 f"{r['vs_best_peer']:.2f}x" if "vs_best_peer" in r else "-"] for r in rs]
+        r0 = rs[0]
+        out.append((f"Many arrays: {key[0]} ({r0['arrays']} arrays, {r0['n'] / 1e6:.1f}M "
+                    f"params), {key[1]}, {key[2]} thread{'s' if key[2] > 1 else ''}",
+                    _table(["impl", "ms/step", "min-max", "ns/elem", "% of bound",
+                            "speedup of this vs torch-fused", "vs best peer"], rows)))
+    # sparse
+    sp = [r for r in recs if r["scenario"] == "sparse"]
+    for key in sorted({tuple(r[k] for k in GROUP_KEYS["sparse"]) for r in sp}):
+        rs = [r for r in sp if tuple(r[k] for k in GROUP_KEYS["sparse"]) == key]
+        rs = sorted(rs, key=lambda r: r["median_s"])
+        rows = [[r["impl"], f"{r['ms_per_step']:.3f}",
+                 f"{r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f}",
+                 f"{r['ns_per_touched_elem']:.2f}", f"{r.get('pct_bound', float('nan')):.0f}%",
+                 f"{r['vs']['torch']:.1f}x" if r.get("vs", {}).get("torch") else "-",
+                 f"{100 * r['merge_share']:.0f}%" if "merge_share" in r else ""] for r in rs]
+        r0 = rs[0]
+        out.append((f"Sparse: {key[0]:,} rows x {key[1]} dim, batch {key[2]} ids Zipf({key[3]}) "
+                    f"-> {r0['unique_rows']:,} unique rows, {key[4]}, {key[5]} "
+                    f"thread{'s' if key[5] > 1 else ''} (bound = touched rows' bytes "
+                    f"{r0['touched_bytes'] / 1e6:.1f} MB at bandwidth"
+                    + (f" = {r0['bound_ms']:.3f} ms)" if "bound_ms" in r0 else ")"),
+                    _table(["impl", "ms/step", "min-max", "ns/touched elem", "% of bound",
+                            "vs torch SparseAdam", "merge share"], rows)))
+    # isa
+    isa = [r for r in recs if r["scenario"] == "isa"]
+    if isa:
+        impls = _order({r["impl"] for r in isa}, ("isa:baseline", "isa:avx2", "isa:avx512"))
+        rows = []
+        for key in sorted({(r["dtype"], r["threads"], r["n"]) for r in isa}):
+            by = {r["impl"]: r for r in isa if (r["dtype"], r["threads"], r["n"]) == key}
+            rows.append([key[0], key[1], fmt_n(key[2])]
+                        + [f"{fmt_t(by[i]['median_s'])} ({by[i]['ns_per_elem']:.3g} ns/el"
+                           + (f", {by[i]['vs_baseline']:.2f}x" if "vs_baseline" in by[i] else "")
+                           + ")" if i in by else "-" for i in impls])
+        chosen = next((r["impl"] for r in isa if r.get("chosen")), "?")
+        out.append((f"ISA modules (kernel called directly; chosen at import: {chosen}); "
+                    "time (ns/elem, speedup vs baseline)",
+                    _table(["dtype", "threads", "elements"] + impls, rows)))
+    # threshold
+    th = [r for r in recs if r["scenario"] == "threshold"]
+    summ = [r for r in recs if r["scenario"] == "threshold-summary"]
+    for s in summ:
+        rs = [r for r in th if r["dtype"] == s["dtype"]]
+        rows = []
+        for n in sorted({r["n"] for r in rs}):
+            by = {r["threads"]: r for r in rs if r["n"] == n}
+            rows.append([f"{n:,}", fmt_t(by[1]["median_s"]), fmt_t(by[2]["median_s"]),
+                         f"{by[2]['ratio_2_over_1']:.2f}",
+                         "2 threads" if by[2]["median_s"] < by[1]["median_s"] else "1 thread"])
+        cross = s["crossover_elems"]
+        out.append((f"Serial vs 2-thread crossover, {s['dtype']} ({s['isa']}): 2 threads win "
+                    f"from {cross:,} elements -> SERIAL_THRESHOLD (per thread) = "
+                    f"{s['suggested_serial_threshold']:,} (now {s['current_serial_threshold']})"
+                    if cross else
+                    f"Serial vs 2-thread crossover, {s['dtype']}: no stable crossover in range",
+                    _table(["elements", "1 thread", "2 threads", "t2/t1", "faster"], rows)))
+    return out
+
+
+def render_terminal(title, t):
+    hdr, rows = t["headers"], t["rows"]
+    w = [max(len(h.replace("**", "")), *(len(r[i].replace("**", "")) for r in rows))
+         if rows else len(h) for i, h in enumerate(hdr)]
+    lines = [title, "  ".join(h.ljust(w[i]) for i, h in enumerate(hdr)),
+             "  ".join("-" * x for x in w)]
+    for r in rows:
+        lines.append("  ".join(c.replace("**", "").ljust(w[i]) for i, c in enumerate(r)))
+    return "\n".join(lines)
+
+
+def render_markdown(title, t):
+    hdr, rows = t["headers"], t["rows"]
+    lines = [f"**{title}**", "", "| " + " | ".join(hdr) + " |",
+             "|" + "|".join(" --- " for _ in hdr) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(r) + " |")
+    return "\n".join(lines)
+
+
+def markdown(result):
+    m = result["meta"]
+    cfg = m["machine"].get("fastadam_config", {})
+    v = m["machine"]["versions"]
+    head = [
+        f"Machine: {m['machine']['cpu']}, {m['machine']['usable_cpus']} cores, "
+        f"{m['machine']['mem_total_gb']} GB RAM, caches {m['machine']['caches']}; "
+        f"fastadam {v.get('fastadam')} ISA module `{cfg.get('isa')}`, OpenMP "
+        f"{'on' if cfg.get('openmp') else 'off'}; numpy {v.get('numpy')}, torch "
+        f"{v.get('torch')}, deepspeed {v.get('deepspeed')}, python {v.get('python')}.",
+        f"Run: `{m['command']}` ({m['mode']} mode), {m['date_utc']}, took "
+        f"{m['duration_s']:.0f} s; load average before/after "
+        f"{m.get('loadavg_start')} / {m.get('loadavg_end')}; other processes used "
+        f"{m.get('others_cpu', float('nan')):.2f} CPUs on average during the run.",
+        "Times are medians over interleaved repeats (min-max in results.json); "
+        "\"vs best peer\" = best peer's median / fastadam's median (the numpy reference "
+        "is not a peer); % of bound = achieved bytes/s (28 B/elem fp32, 56 fp64) over the "
+        "bandwidth measured in the same run.",
+    ]
+    if result.get("skipped"):
+        head.append("Skipped: " + "; ".join(result["skipped"]))
+    parts = ["\n".join(head)] + [render_markdown(t, tb) for t, tb in tables(result)]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_json(result, path):
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+
+
+# --------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------
+
+def plots(result, outdir, log=print):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log(f"plots skipped: matplotlib is not installed ({P.INSTALL['matplotlib']})")
+        return []
+    files = []
+    recs = result["results"]
+    dense = [r for r in recs if r["scenario"] == "dense"]
+    style = {"fastadam": dict(color="C3", lw=2.4, marker="o"),
+             "fastadam.torch": dict(color="C1", marker="."),
+             "torch-fused": dict(color="C0", marker="s"),
+             "torch-foreach": dict(color="C9", marker="^"),
+             "torch": dict(color="C2", marker="v"),
+             "deepspeed": dict(color="C4", marker="D"),
+             "numpy-ref": dict(color="0.5", marker="x", ls=":")}
+    for key in sorted({(r["variant"], r["dtype"], r["threads"]) for r in dense}):
+        rs = [r for r in dense if (r["variant"], r["dtype"], r["threads"]) == key]
+        if len({r["n"] for r in rs}) < 2:
+            continue
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for impl in _order({r["impl"] for r in rs}, IMPL_ORDER):
+            pts = sorted((r["n"], r["ns_per_elem"]) for r in rs if r["impl"] == impl)
+            a1.plot(*zip(*pts), label=impl, **style.get(impl, {}))
+        bnd = next((r for r in rs if "bound_ns_per_elem" in r), None)
+        if bnd:
+            a1.axhline(bnd["bound_ns_per_elem"], color="k", ls="--", lw=1,
+                       label=f"bandwidth bound ({bnd['bound_gbs']:.0f} GB/s)")
+        a1.set_xscale("log", base=2)
+        a1.set_yscale("log")
+        a1.set_xlabel("elements")
+        a1.set_ylabel("ns per element (median)")
+        a1.set_title(f"{key[0]} {key[1]}, {key[2]} thread(s): time per element")
+        a1.grid(True, which="both", alpha=0.3)
+        a1.legend(fontsize=7)
+        fa = {r["n"]: r for r in rs if r["impl"] == "fastadam"}
+        for impl in _order({r["impl"] for r in rs}, IMPL_ORDER):
+            if impl in P.OURS or impl in P.NOT_PEERS:
+                continue
+            pts = sorted((r["n"], r["median_s"] / fa[r["n"]]["median_s"])
+                         for r in rs if r["impl"] == impl and r["n"] in fa)
+            if pts:
+                a2.plot(*zip(*pts), label=f"vs {impl}", **style.get(impl, {}))
+        a2.axhline(1.0, color="k", lw=1)
+        a2.set_xscale("log", base=2)
+        a2.set_yscale("log")
+        a2.set_xlabel("elements")
+        a2.set_ylabel("fastadam speedup (peer time / fastadam time)")
+        a2.set_title("fastadam speedup vs peers")
+        a2.grid(True, which="both", alpha=0.3)
+        a2.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(outdir, f"dense_{key[0]}_{key[1]}_t{key[2]}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    return files

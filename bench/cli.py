@@ -149,6 +149,7 @@ class Run:
             self.threshold_sizes = _geom(2**10, 2**19, 4)
             self.dense_variants = [("adam", sizes), ("adamw", [2**16, 2**20, 2**24])]
             self.threads_many = list(range(1, ncpu + 1))
+        self.threads_isa = sorted({1, ncpu}) if self.mode != "smoke" else [ncpu]
         self.dtypes_many = ["float32"]
         self.dtypes_sparse = ["float32"]
         if args.dtype:
@@ -157,7 +158,7 @@ class Run:
                 raise SystemExit(f"--dtype: unknown {bad}; use float32,float64")
             self.dtypes = self.dtypes_many = self.dtypes_sparse = args.dtype
         if args.threads:
-            self.threads = self.threads_many = args.threads
+            self.threads = self.threads_many = self.threads_isa = args.threads
         if args.sizes:
             self.dense_variants = [("adam", args.sizes)]
             self.isa_sizes = args.sizes
@@ -241,9 +242,9 @@ def main(argv=None):
                                     if k in ("dtypes", "threads", "repeats", "target_s",
                                              "models", "sparse_configs", "isa_sizes",
                                              "threshold_sizes", "dense_variants",
-                                             "threads_many", "scenarios")},
+                                             "threads_many", "threads_isa", "scenarios")},
                        "peers": sorted(run.peers) if run.peers else "all"},
-              "bandwidth": None, "results": [], "skipped": run.skipped}
+              "bandwidth": None, "results": [], "skipped": run.skipped, "errors": []}
     print(f"fastadam bench ({run.mode}) on {machine.short_name(info)}; "
           f"threads {run.threads}; results -> {run.out}/", flush=True)
     if "torch" not in sys.modules:
@@ -269,6 +270,14 @@ def main(argv=None):
             recs = fn(run)
         except MemoryError:
             run.log(f"scenario {name}: out of memory, skipped (try smaller --sizes/--models)")
+            result["errors"].append(f"{name}: MemoryError")
+            continue
+        except Exception as e:  # report, keep going, exit non-zero at the end
+            import traceback
+            run.progress.close()
+            run.log(f"scenario {name} FAILED: {type(e).__name__}: {e}\n"
+                    + traceback.format_exc())
+            result["errors"].append(f"{name}: {type(e).__name__}: {e}")
             continue
         report.add_speedups(recs)
         result["results"].extend(recs)
@@ -296,6 +305,9 @@ def main(argv=None):
     if run.bw:
         print("\n" + report.render_terminal(*report.tables(dict(result, results=[]))[0]))
     print(f"\ndone in {result['meta']['duration_s']:.0f} s; wrote " + ", ".join(files))
+    if result["errors"]:
+        print("errors: " + "; ".join(result["errors"]))
+        return 1
     return 0
 
 

@@ -237,6 +237,10 @@ def _fastadam_optim(case):
     for p, m, v in zip(case.p, case.m, case.v):
         opt.state[id(p)] = {"step": 0, "exp_avg": m, "exp_avg_sq": v}
     g = case.g
+    try:
+        opt.step(g)
+    except Exception:  # a different internal state layout: let it allocate its own
+        opt = cls(case.p, lr=LR, n_threads=case.threads)
     return lambda: opt.step(g)
 
 
@@ -302,9 +306,15 @@ def build(names, case, registry=DENSE, log=print, skipped=None):
     for name in names:
         make = registry[name][0]
         try:
-            cases[name] = make(case)
-        except Skip as e:
-            msg = f"skip {name}: {e}"
+            fn = make(case)
+            fn()  # first call: lazy set-up and first touch; a failure skips the peer
+            cases[name] = fn
+        except Exception as e:
+            if isinstance(e, Skip):
+                msg = f"skip {name}: {e}"
+            else:
+                first = str(e).splitlines()[0] if str(e) else ""
+                msg = f"skip {name}: failed: {type(e).__name__}: {first}"
             if skipped is not None:
                 if msg not in skipped:
                     skipped.add(msg) if isinstance(skipped, set) else skipped.append(msg)

@@ -65,7 +65,7 @@ def dense(run):
                     with P.threads(t):
                         cases = P.build(names, case, log=run.log, skipped=run.skipped)
                         res = interleave(cases, repeats=run.repeats_for(n),
-                                         target_s=run.target_s)
+                                         target_s=run.target_s, warmup=1)
                     for impl, rr in res.items():
                         r = _rec("dense", impl, rr, variant=variant, dtype=dtype, threads=t)
                         out.append(_dense_fields(r, n, dtype, t, run.bw))
@@ -113,7 +113,7 @@ def overhead(run):
         case = P.Dense([n], dtype, t)
         with P.threads(t):
             cases = P.build(names, case, registry=reg, log=run.log, skipped=run.skipped)
-            res = interleave(cases, repeats=run.repeats, target_s=run.target_s)
+            res = interleave(cases, repeats=run.repeats, target_s=run.target_s, warmup=1)
         for impl, rr in res.items():
             r = _rec("overhead", impl, rr, dtype=dtype, threads=t, n=n,
                      us_per_call=rr["median"] * 1e6)
@@ -170,7 +170,7 @@ def many(run):
                 with P.threads(t):
                     cases = P.build(names, case, log=run.log, skipped=run.skipped)
                     res = interleave(cases, repeats=max(3, run.repeats // 2 + 1),
-                                     target_s=run.target_s, warmup=1)
+                                     target_s=run.target_s, warmup=0)
                 for impl, rr in res.items():
                     r = _rec("many", impl, rr, model=model, arrays=len(shapes), dtype=dtype,
                              threads=t, ms_per_step=rr["median"] * 1e3)
@@ -325,7 +325,8 @@ def sparse(run):
                 with P.threads(t):
                     cases = P.build(names, c, registry=SPARSE, log=run.log,
                                     skipped=run.skipped)
-                    res = interleave(cases, repeats=run.repeats, target_s=run.target_s)
+                    res = interleave(cases, repeats=run.repeats, target_s=run.target_s,
+                                     warmup=1)
                 bound = bound_for(run.bw, t) if run.bw else None
                 for impl, rr in res.items():
                     tm = rr["median"]
@@ -380,7 +381,7 @@ def isa(run):
     mods, chosen = _isa_modules(run.log)
     out = []
     for dtype in run.dtypes:
-        for t in run.threads:
+        for t in run.threads_isa:
             for n in run.isa_sizes:
                 run.progress.update(f"isa {dtype} n={n} t={t}")
                 case = P.Dense([n], dtype, t)
@@ -401,7 +402,7 @@ def isa(run):
 
 
 def isa_steps(run):
-    return len(run.dtypes) * len(run.threads) * len(run.isa_sizes)
+    return len(run.dtypes) * len(run.threads_isa) * len(run.isa_sizes)
 
 
 # --------------------------------------------------------------------------

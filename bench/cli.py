@@ -280,6 +280,10 @@ def main(argv=None):
             result["errors"].append(f"{name}: {type(e).__name__}: {e}")
             continue
         report.add_speedups(recs)
+        cfg = info.get("fastadam_config", {})
+        for r in recs:  # the machine, compactly, with every result (full record in meta)
+            r.update(cpu=info["cpu"], cores=info["usable_cpus"], isa_module=cfg.get("isa"),
+                     fastadam=info["versions"].get("fastadam"))
         result["results"].extend(recs)
         run.progress.close()
         sub = dict(result, results=recs)

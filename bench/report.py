@@ -298,4 +298,33 @@ def plots(result, outdir, log=print):
         fig.savefig(path, dpi=90)
         plt.close(fig)
         files.append(path)
+    # many arrays and sparse: bars of time per step
+    for scen, keys, unit, scale in (("many", ("model", "dtype", "threads"), "ms/step", 1e3),
+                                    ("sparse", GROUP_KEYS["sparse"], "ms/step", 1e3)):
+        rs_all = [r for r in recs if r["scenario"] == scen]
+        for key in sorted({tuple(r[k] for k in keys) for r in rs_all}):
+            rs = sorted([r for r in rs_all if tuple(r[k] for k in keys) == key],
+                        key=lambda r: r["median_s"])
+            fig, ax = plt.subplots(figsize=(7, 0.45 * len(rs) + 1.2))
+            names = [r["impl"] for r in rs][::-1]
+            vals = [r["median_s"] * scale for r in rs][::-1]
+            errs = [[(r["median_s"] - r["min_s"]) * scale for r in rs][::-1],
+                    [(r["max_s"] - r["median_s"]) * scale for r in rs][::-1]]
+            cols = ["C3" if _is_ours(r) else "C0" for r in rs][::-1]
+            ax.barh(names, vals, xerr=errs, color=cols, capsize=3)
+            tops = [r["max_s"] * scale for r in rs][::-1]
+            for y, (val, top) in enumerate(zip(vals, tops)):
+                ax.text(top, y, f"  {val:.3g}", va="center", fontsize=8)
+            ax.set_xlabel(f"{unit} (median, min-max)")
+            ttl = (f"{key[0]}, {key[1]}, {key[2]} thread(s)" if scen == "many" else
+                   f"sparse {key[0]:,}x{key[1]}, batch {key[2]}, Zipf({key[3]}), "
+                   f"{key[5]} thread(s)")
+            ax.set_title(ttl, fontsize=10)
+            ax.set_xlim(0, max(tops) * 1.22)
+            fig.tight_layout()
+            tag = "_".join(str(k) for k in key).replace(".", "p")
+            path = os.path.join(outdir, f"{scen}_{tag}.png")
+            fig.savefig(path, dpi=90)
+            plt.close(fig)
+            files.append(path)
     return files

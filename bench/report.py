@@ -71,10 +71,73 @@ IMPL_ORDER = ("fastadam", "fastadam-kernel", "fastadam.Adam", "fastadam.torch",
               "torch", "deepspeed", "numpy-ref")
 
 
+def headline(recs):
+    """One table of the key cases: float32, the most threads measured."""
+    f32 = [r for r in recs if r.get("dtype") == "float32"]
+    if not f32:
+        return None
+    cols = ["torch-fused", "torch-foreach", "torch", "deepspeed"]
+    rows = []
+
+    def add(label, rs, ours="fastadam", unit=fmt_t):
+        by = {r["impl"]: r for r in rs}
+        f = by.get(ours)
+        if not f:
+            return
+        rows.append([label, unit(f["median_s"])]
+                    + [unit(by[c]["median_s"]) if c in by else "-" for c in cols]
+                    + [f"**{f['vs_best_peer']:.2f}x** ({f['best_peer']})"
+                       if "vs_best_peer" in f else "-",
+                       f"{f['pct_bound']:.0f}%" if "pct_bound" in f else "-"])
+
+    for r0 in [r for r in f32 if r["scenario"] == "overhead" and r["impl"] == "fastadam"]:
+        add("16 elements (one call)", [r for r in f32 if r["scenario"] == "overhead"
+                                       and r["threads"] == r0["threads"]])
+    dense = [r for r in f32 if r["scenario"] == "dense" and r["variant"] == "adam"]
+    if dense:
+        t = max(r["threads"] for r in dense)
+        for n in (2**16, 2**20, 2**24, 2**26):
+            rs = [r for r in dense if r["n"] == n and r["threads"] == t]
+            add(f"2^{int(math.log2(n))} elements, {t} threads", rs)
+    many = [r for r in f32 if r["scenario"] == "many"]
+    if many:
+        t = max(r["threads"] for r in many)
+        for model in sorted({r["model"] for r in many}, key=lambda m: m != "gpt2-small"):
+            rs = [r for r in many if r["model"] == model and r["threads"] == t]
+            rr = rs[0]
+            add(f"{model} ({rr['arrays']} arrays), fastadam.Adam, {t} threads", rs,
+                ours="fastadam.Adam")
+    sp = [r for r in f32 if r["scenario"] == "sparse"]
+    if sp:
+        t = max(r["threads"] for r in sp)
+        first = sp[0]
+        key = (first["rows"], first["dim"], first["batch"], first["zipf"])
+        rs = [r for r in sp if (r["rows"], r["dim"], r["batch"], r["zipf"]) == key
+              and r["threads"] == t]
+        by = {r["impl"]: r for r in rs}
+        if "torch" in by:  # torch SparseAdam goes in the torch column
+            rs = [dict(r, impl="torch-sparse") if r["impl"] == "torch" else r for r in rs]
+        f = next((r for r in rs if r["impl"] == "fastadam"), None)
+        tor = by.get("torch")
+        label = f"sparse {key[0]:,}x{key[1]}, {key[2]} ids Zipf({key[3]}), {t} threads"
+        rows.append([label, fmt_t(f["median_s"]) if f else "-",
+                     "-", "-", (fmt_t(tor["median_s"]) + " (SparseAdam)") if tor else "-", "-",
+                     f"**{f['vs_best_peer']:.1f}x** (torch SparseAdam)"
+                     if f and "vs_best_peer" in f else "-",
+                     f"{f['pct_bound']:.0f}%" if f and "pct_bound" in f else "-"])
+    if not rows:
+        return None
+    return _table(["case (float32)", "fastadam"] + cols
+                  + ["fastadam vs best peer", "fastadam % of bandwidth bound"], rows)
+
+
 def tables(result):
     """All tables as (title, {"headers", "rows"}) in display order."""
     recs = result["results"]
     out = []
+    h = headline(recs)
+    if h and len(h["rows"]) > 1:
+        out.append(("Headline: time per step (median); speedup = best peer / fastadam", h))
     bw = result.get("bandwidth")
     if bw:
         rows = []

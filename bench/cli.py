@@ -102,6 +102,9 @@ def build_parser():
     ap.add_argument("--out", default="bench_results", help="results folder (default: %(default)s)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                    help="first wait (up to SECONDS) until other processes use < 0.15 CPUs "
+                         "(shared machines)")
     ap.add_argument("--list", action="store_true", help="list scenarios and peers, then exit")
     return ap
 
@@ -231,6 +234,8 @@ def main(argv=None):
         return 0
     P.env_quiet()
     run = Run(args)
+    if args.wait_idle > 0:
+        _wait_idle(args.wait_idle, run.log)
     t_start = time.time()
     meter = machine.CpuMeter()
     os.makedirs(run.out, exist_ok=True)
@@ -313,6 +318,21 @@ def main(argv=None):
         print("errors: " + "; ".join(result["errors"]))
         return 1
     return 0
+
+
+def _wait_idle(limit_s, log):
+    t0 = time.time()
+    while True:
+        m = machine.CpuMeter()
+        time.sleep(3)
+        busy = m.others() or 0.0
+        if busy < 0.15:
+            log(f"machine idle (other processes: {busy:.2f} CPUs); starting")
+            return
+        if time.time() - t0 > limit_s:
+            log(f"machine still busy after {limit_s:.0f} s (other processes: {busy:.2f} "
+                "CPUs); starting anyway")
+            return
 
 
 def _loadavg():

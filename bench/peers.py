@@ -248,7 +248,11 @@ def _fastadam_torch(case):
     fat = fastadam_torch()
     ps, _, _ = case.tensors()
     cls = fat.AdamW if case.variant == "adamw" else fat.Adam
-    opt = cls(ps, lr=LR, weight_decay=WD_ADAMW if case.variant == "adamw" else 0.0)
+    kw = dict(lr=LR, weight_decay=WD_ADAMW if case.variant == "adamw" else 0.0)
+    try:
+        opt = cls(ps, n_threads=case.threads, **kw)
+    except TypeError:
+        opt = cls(ps, **kw)
     _torch_state(opt, case)
     try:
         opt.step()

@@ -253,7 +253,10 @@ def _sp_fastadam_optim(c):
     cls = getattr(fa, "SparseAdam", None)
     if cls is None:
         raise P.Skip("fastadam.SparseAdam is not in this build yet (issue 4)")
-    opt = cls(c.table, lr=P.LR)
+    try:  # share the case's state buffers when the constructor takes them
+        opt = cls(c.table, lr=P.LR, exp_avg=c.m, exp_avg_sq=c.v, n_threads=c.threads)
+    except TypeError:
+        opt = cls(c.table, lr=P.LR)
     opt.step(c.idx, c.grad)
     return lambda: opt.step(c.idx, c.grad)
 
@@ -283,8 +286,17 @@ def _sp_fastadam_torch(c):
     if not hasattr(fat, "SparseAdam"):
         raise P.Skip("fastadam.torch has no SparseAdam yet (issue 6)")
     torch, tp = _sp_torch_param(c)
-    opt = fat.SparseAdam([tp], lr=P.LR)
-    opt.step()
+    try:
+        opt = fat.SparseAdam([tp], lr=P.LR, n_threads=c.threads)
+    except TypeError:
+        opt = fat.SparseAdam([tp], lr=P.LR)
+    opt.state[tp] = {"step": 0, "exp_avg": torch.from_numpy(c.m),
+                     "exp_avg_sq": torch.from_numpy(c.v)}
+    try:
+        opt.step()
+    except Exception:  # its own state layout: let it allocate
+        opt.state.clear()
+        opt.step()
     return opt.step
 
 

@@ -90,12 +90,33 @@ def describe():
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "FASTADAM_ISA", "MKL_NUM_THREADS")
                 if k in os.environ},
     }
+    info["fastadam_source"] = _fastadam_source()
     try:
         from fastadam import _config
         info["fastadam_config"] = _config.config()
     except Exception as e:  # pragma: no cover
         info["fastadam_config"] = {"error": repr(e)}
     return info
+
+
+def _fastadam_source():
+    """Where fastadam was imported from and, if a git checkout, its commit."""
+    try:
+        import subprocess
+
+        import fastadam
+        d = os.path.dirname(os.path.dirname(os.path.abspath(fastadam.__file__)))
+        out = {"path": d}
+        r = subprocess.run(["git", "-C", d, "log", "-1", "--format=%h %s"], capture_output=True,
+                           text=True, timeout=10)
+        if r.returncode == 0:
+            out["commit"] = r.stdout.strip()
+            st = subprocess.run(["git", "-C", d, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+            out["dirty"] = bool(st.stdout.strip())
+        return out
+    except Exception as e:  # pragma: no cover
+        return {"error": repr(e)}
 
 
 def short_name(info):

@@ -278,7 +278,8 @@ def markdown(result):
         f"{m['machine']['mem_total_gb']} GB RAM, caches {m['machine']['caches']}; "
         f"fastadam {v.get('fastadam')} ISA module `{cfg.get('isa')}`, OpenMP "
         f"{'on' if cfg.get('openmp') else 'off'}; numpy {v.get('numpy')}, torch "
-        f"{v.get('torch')}, deepspeed {v.get('deepspeed')}, python {v.get('python')}.",
+        f"{v.get('torch')}, deepspeed {v.get('deepspeed')}, python {v.get('python')}; "
+        f"fastadam source: {m['machine'].get('fastadam_source', {}).get('commit', '?')}.",
         f"Run: `{m['command']}` ({m['mode']} mode), {m['date_utc']}, took "
         f"{m['duration_s']:.0f} s; load average before/after "
         f"{m.get('loadavg_start')} / {m.get('loadavg_end')}; other processes used "

@@ -196,6 +196,7 @@ class Run:
         self.out = args.out
         self.skipped = []
         self.bw = None
+        self.probe = None
         self.progress = Progress(1, enabled=False)
         self.show_progress = not args.no_progress
 
@@ -262,8 +263,9 @@ def main(argv=None):
     if needs_bw:
         run.log(f"measuring memory bandwidth ({run.bw_elems * 4 / 2**20:.0f} MiB arrays)...")
         bw_threads = sorted(set(run.threads) | set(run.threads_many))
-        run.bw = machine.bandwidth(threads=bw_threads, n_elems=run.bw_elems,
-                                   repeats=run.bw_repeats, log=run.log)
+        run.probe = machine.Probe(run.bw_elems)
+        run.bw = machine.bandwidth(run.probe, threads=bw_threads, repeats=run.bw_repeats,
+                                   log=run.log)
         result["bandwidth"] = run.bw
     total = sum(S.SCENARIOS[s][1](run) for s in run.scenarios)
     run.progress = Progress(total, label="bench", enabled=run.show_progress)

@@ -152,60 +152,80 @@ class _Pool:
             self.ex.shutdown()
 
 
-def bandwidth(threads=(1, 2), n_elems=2**27, repeats=5, use_torch=True, log=None):
-    """Measure memory bandwidth (GB/s, 1e9 bytes/s) on float32 arrays of
-    ``n_elems`` elements (default 512 MiB each, far larger than any cache).
+class Probe:
+    """Memory-bandwidth probes on float32 arrays of ``n_elems`` elements
+    (default 512 MiB each, far larger than any cache), kept for the whole run
+    so they can also be interleaved with the implementations (the machine's
+    bandwidth drifts: other tenants, other processes).
 
-    Probes, per thread count (STREAM-style byte counts, no write-allocate):
-      * ``copy``   b[:] = a               (numpy ``copyto``; 8 B/elem)
-      * ``update`` a += b                 (numpy, read-modify-write like Adam; 12 B/elem)
-      * ``triad``  a = b + s*c            (torch ``add(out=)``, torch threads; 12 B/elem)
-    Several threads: numpy on contiguous parts from Python threads (numpy
-    releases the GIL) -- independent of fastadam. ``bound`` is the best
-    probe's median: the bandwidth roof used for "% of bound".
+    Probes (STREAM-style byte counts, no write-allocate):
+      * ``copy``          b[:] = a      numpy ``copyto``                      8 B/elem
+      * ``update``        a += b        numpy (read-modify-write, like Adam)  12 B/elem
+      * ``torch-update``  a += b        torch ``add_`` with torch threads     12 B/elem
+    With several threads, numpy runs on contiguous parts from Python threads
+    (numpy releases the GIL): independent of fastadam.
     """
-    a = np.empty(n_elems, np.float32)
-    b = np.empty(n_elems, np.float32)
-    a.fill(1.0)
-    b.fill(2.0)
-    c = None
-    tor = None
-    if use_torch:
-        try:
-            import torch
-            tor = torch
-            c = np.empty(n_elems, np.float32)
-            c.fill(0.5)
-        except Exception:
-            tor = None
-    out = {"n_elems": n_elems, "bytes_per_array": a.nbytes, "by_threads": {}}
+
+    INTERLEAVED = ("update", "torch-update")
+
+    def __init__(self, n_elems=2**27, use_torch=True):
+        self.n = n_elems
+        self.a = np.empty(n_elems, np.float32)
+        self.b = np.empty(n_elems, np.float32)
+        self.a.fill(1.0)
+        self.b.fill(1e-7)
+        self.tor = None
+        if use_torch:
+            try:
+                import torch
+                self.tor = torch
+                self.ta, self.tb = torch.from_numpy(self.a), torch.from_numpy(self.b)
+            except Exception:
+                self.tor = None
+        self._pools = {}
+
+    def _pool(self, t):
+        if t not in self._pools:
+            self._pools[t] = _Pool(t)
+        return self._pools[t]
+
+    def cases(self, t, names=None):
+        """name -> (fn, bytes per call); call inside ``peers.threads(t)``."""
+        pool = self._pool(t)
+        a, b = self.a, self.b
+        out = {"copy": (lambda: pool.run(np.copyto, b, a), 8 * self.n),
+               "update": (lambda: pool.run(lambda x, y: np.add(x, y, out=x), a, b), 12 * self.n)}
+        if self.tor is not None:
+            ta, tb = self.ta, self.tb
+            out["torch-update"] = (lambda: ta.add_(tb), 12 * self.n)
+        return {k: v for k, v in out.items() if names is None or k in names}
+
+    def close(self):
+        for p in self._pools.values():
+            p.close()
+        self._pools = {}
+        self.a = self.b = self.ta = self.tb = None
+
+
+def bandwidth(probe, threads=(1, 2), repeats=5, log=None):
+    """Measure memory bandwidth (GB/s, 1e9 bytes/s) with ``probe`` per thread
+    count. ``bound`` is the best probe's median: the roof for "% of bound"
+    of cases that do not interleave their own probes (small ones)."""
+    from .peers import threads as limit_threads
+    out = {"n_elems": probe.n, "bytes_per_array": probe.a.nbytes, "by_threads": {}}
     for t in threads:
-        pool = _Pool(t)
-        probes = {
-            "copy": (lambda: pool.run(np.copyto, b, a), 8),
-            "update": (lambda: pool.run(lambda x, y: np.add(x, y, out=x), a, b), 12),
-        }
-        if tor is not None:
-            ta, tb, tc = (tor.from_numpy(x) for x in (a, b, c))
-            probes["triad"] = (lambda: tor.add(tb, tc, alpha=0.5, out=ta), 12)
-            prev_t = tor.get_num_threads()
-            tor.set_num_threads(t)
         res = {}
-        try:
-            for name, (fn, bpe) in probes.items():
-                fn()  # warm-up / first touch
+        with limit_threads(t):
+            for name, (fn, nbytes) in probe.cases(t).items():
+                fn()  # warm-up
                 ts = []
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     fn()
                     ts.append(time.perf_counter() - t0)
-                gbs = [bpe * n_elems / x / 1e9 for x in ts]
+                gbs = [nbytes / x / 1e9 for x in ts]
                 res[name] = {"median_gbs": statistics.median(gbs), "max_gbs": max(gbs),
-                             "min_gbs": min(gbs), "bytes_per_elem": bpe}
-        finally:
-            pool.close()
-            if tor is not None:
-                tor.set_num_threads(prev_t)
+                             "min_gbs": min(gbs), "bytes_per_elem": nbytes // probe.n}
         best = max(res, key=lambda k: res[k]["median_gbs"])
         res["bound_gbs"] = res[best]["median_gbs"]
         res["bound_probe"] = best
@@ -214,7 +234,6 @@ def bandwidth(threads=(1, 2), n_elems=2**27, repeats=5, use_torch=True, log=None
             log(f"  bandwidth, {t} thread{'s' if t > 1 else ''}: " + ", ".join(
                 f"{k} {v['median_gbs']:.1f}" for k, v in res.items() if isinstance(v, dict))
                 + f" GB/s -> bound {res['bound_gbs']:.1f} GB/s ({best})")
-    del a, b, c
     return out
 
 

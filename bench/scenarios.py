@@ -24,14 +24,46 @@ def _rec(scenario, impl, res, **kw):
     return r
 
 
-def _dense_fields(r, n, dtype, threads, bw):
+PROBE_MIN_BYTES = 200 * 2**20  # cases moving more than this interleave bandwidth probes
+
+
+def add_probes(run, cases, t, nbytes):
+    """Add the bandwidth probes to an interleaved set when the case is large
+    (its own bound is then measured side by side, not minutes earlier)."""
+    if run.probe is None or nbytes < PROBE_MIN_BYTES and run.mode != "smoke":
+        return {}
+    pc = run.probe.cases(t, run.probe.INTERLEAVED)
+    for name, (fn, _) in pc.items():
+        cases[f"probe:{name}"] = fn
+    return {f"probe:{k}": b for k, (_, b) in pc.items()}
+
+
+def take_probes(res, probes):
+    """Remove probe timings from ``res``; return (bound GB/s, {probe: GB/s})."""
+    got = {}
+    for name, nbytes in probes.items():
+        rr = res.pop(name, None)
+        if rr:
+            got[name[6:]] = nbytes / rr["median"] / 1e9
+    return (max(got.values()) if got else None), got
+
+
+def _bound(r, run, threads, interleaved):
+    bound, got = interleaved
+    if bound:
+        r.update(bound_gbs=bound, bound_source="interleaved", probe_gbs=got)
+    elif run.bw:
+        r.update(bound_gbs=bound_for(run.bw, threads), bound_source="start of run")
+    return r.get("bound_gbs")
+
+
+def _dense_fields(r, n, dtype, threads, run, interleaved=(None, {})):
     bpe = BYTES_PER_ELEM[dtype]
     t = r["median_s"]
-    bound = bound_for(bw, threads) if bw else None
+    bound = _bound(r, run, threads, interleaved)
     r.update(n=n, ns_per_elem=t / n * 1e9, gbs=bpe * n / t / 1e9, bytes_per_elem=bpe)
     if bound:
-        r.update(bound_gbs=bound, pct_bound=100.0 * bpe * n / t / 1e9 / bound,
-                 bound_ns_per_elem=bpe / bound)
+        r.update(pct_bound=100.0 * bpe * n / t / 1e9 / bound, bound_ns_per_elem=bpe / bound)
     return r
 
 
@@ -64,11 +96,13 @@ def dense(run):
                     case = P.Dense([n], dtype, t, variant=variant)
                     with P.threads(t):
                         cases = P.build(names, case, log=run.log, skipped=run.skipped)
+                        probes = add_probes(run, cases, t, BYTES_PER_ELEM[dtype] * n)
                         res = interleave(cases, repeats=run.repeats_for(n),
                                          target_s=run.target_s, warmup=1)
+                    ib = take_probes(res, probes)
                     for impl, rr in res.items():
                         r = _rec("dense", impl, rr, variant=variant, dtype=dtype, threads=t)
-                        out.append(_dense_fields(r, n, dtype, t, run.bw))
+                        out.append(_dense_fields(r, n, dtype, t, run, ib))
                     del cases
                     case.free()
                     _cleanup()
@@ -169,12 +203,14 @@ def many(run):
                 case = P.Dense(None, dtype, t, shapes=shapes)
                 with P.threads(t):
                     cases = P.build(names, case, log=run.log, skipped=run.skipped)
+                    probes = add_probes(run, cases, t, BYTES_PER_ELEM[dtype] * case.n)
                     res = interleave(cases, repeats=max(3, run.repeats // 2 + 1),
                                      target_s=run.target_s, warmup=0)
+                ib = take_probes(res, probes)
                 for impl, rr in res.items():
                     r = _rec("many", impl, rr, model=model, arrays=len(shapes), dtype=dtype,
                              threads=t, ms_per_step=rr["median"] * 1e3)
-                    out.append(_dense_fields(r, case.n, dtype, t, run.bw))
+                    out.append(_dense_fields(r, case.n, dtype, t, run, ib))
                 del cases
                 case.free()
                 _cleanup()
@@ -337,9 +373,10 @@ def sparse(run):
                 with P.threads(t):
                     cases = P.build(names, c, registry=SPARSE, log=run.log,
                                     skipped=run.skipped)
+                    probes = add_probes(run, cases, t, PROBE_MIN_BYTES)
                     res = interleave(cases, repeats=run.repeats, target_s=run.target_s,
                                      warmup=1)
-                bound = bound_for(run.bw, t) if run.bw else None
+                ib = take_probes(res, probes)
                 for impl, rr in res.items():
                     tm = rr["median"]
                     r = _rec("sparse", impl, rr, dtype=dtype, threads=t, rows=rows, dim=dim,
@@ -348,6 +385,7 @@ def sparse(run):
                              ms_per_step=tm * 1e3,
                              ns_per_touched_elem=tm / (c.unique * dim) * 1e9,
                              gbs=c.bytes / tm / 1e9)
+                    bound = _bound(r, run, t, ib)
                     if bound:
                         r.update(bound_gbs=bound, pct_bound=100 * c.bytes / tm / 1e9 / bound,
                                  bound_ms=c.bytes / bound / 1e6)
@@ -407,7 +445,7 @@ def isa(run):
                              chosen=impl == f"isa:{chosen}")
                     if base:
                         r["vs_baseline"] = base / rr["median"]
-                    out.append(_dense_fields(r, n, dtype, t, run.bw))
+                    out.append(_dense_fields(r, n, dtype, t, run))
                 case.free()
                 gc.collect()
     return out

@@ -40,6 +40,15 @@ def add_speedups(records):
     return records
 
 
+NOISY = 1.5  # max/min over the repeats above which a cell is marked "~"
+
+
+def fmt_r(r):
+    """A record's median time, marked "~" when its repeats spread > NOISY."""
+    t = fmt_t(r["median_s"])
+    return ("~" + t) if (r.get("spread") or 1.0) > NOISY else t
+
+
 def fmt_t(s):
     if s is None or (isinstance(s, float) and math.isnan(s)):
         return "-"
@@ -84,8 +93,8 @@ def headline(recs):
         f = by.get(ours)
         if not f:
             return
-        rows.append([label, unit(f["median_s"])]
-                    + [unit(by[c]["median_s"]) if c in by else "-" for c in cols]
+        rows.append([label, fmt_r(f)]
+                    + [fmt_r(by[c]) if c in by else "-" for c in cols]
                     + [f"**{f['vs_best_peer']:.2f}x** ({f['best_peer']})"
                        if "vs_best_peer" in f else "-",
                        f"{f['pct_bound']:.0f}%" if "pct_bound" in f else "-"])
@@ -161,7 +170,7 @@ def tables(result):
         for n in sizes:
             by = {r["impl"]: r for r in rs if r["n"] == n}
             f = by.get("fastadam")
-            row = [fmt_n(n)] + [fmt_t(by[i]["median_s"]) if i in by else "-" for i in impls]
+            row = [fmt_n(n)] + [fmt_r(by[i]) if i in by else "-" for i in impls]
             if f:
                 row += [f"{f['ns_per_elem']:.3g}", f"{f.get('pct_bound', float('nan')):.0f}%",
                         f"{f['vs_best_peer']:.2f}x ({f['best_peer']})" if "vs_best_peer" in f
@@ -287,7 +296,8 @@ def markdown(result):
         "Times are medians over interleaved repeats (min-max in results.json); "
         "\"vs best peer\" = best peer's median / fastadam's median (the numpy reference "
         "is not a peer); % of bound = achieved bytes/s (28 B/elem fp32, 56 fp64) over the "
-        "bandwidth measured in the same run.",
+        "bandwidth measured in the same run. A time marked ~ had repeats spreading more "
+        f"than {NOISY}x (max/min) even after re-measuring: another process disturbed it.",
     ]
     if result.get("skipped"):
         head.append("Skipped: " + "; ".join(result["skipped"]))

@@ -12,14 +12,15 @@ import numpy as np
 
 from . import peers as P
 from .machine import bound_for
-from .timing import interleave
+from .timing import measure as interleave
 
 BYTES_PER_ELEM = {"float32": 28, "float64": 56}  # read p,g,m,v + write p,m,v
 
 
 def _rec(scenario, impl, res, **kw):
     r = {"scenario": scenario, "impl": impl, "median_s": res["median"], "min_s": res["min"],
-         "max_s": res["max"], "inner": res["inner"], "repeats": len(res["samples"])}
+         "max_s": res["max"], "inner": res["inner"], "repeats": len(res["samples"]),
+         "attempts": res.get("attempts", 1), "spread": res.get("spread")}
     r.update(kw)
     return r
 

@@ -99,6 +99,9 @@ def build_parser():
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
     ap.add_argument("--target-ms", type=float, default=None,
                     help="length of one timed sample (calls are batched up to this)")
+    ap.add_argument("--retries", type=int, default=None,
+                    help="re-measure a case whose repeats spread > 1.5x (max/min) up to this "
+                         "many times (default 1; 0 in --smoke)")
     ap.add_argument("--out", default="bench_results", help="results folder (default: %(default)s)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -143,7 +146,7 @@ class Run:
             self.mode = "full"
             sizes = [2**k for k in range(4, 27)]
             self.dtypes, self.threads = ["float32", "float64"], list(range(1, ncpu + 1))
-            self.repeats, self.target_s = 9, 0.05
+            self.repeats, self.target_s = 7, 0.04
             self.bw_elems, self.bw_repeats = 2**27, 7
             self.models = ["gpt2-small", "bert-base"]
             self.sparse_configs = [(1_000_000, 64, 16384, 1.1), (1_000_000, 64, 16384, 0.0),
@@ -172,6 +175,9 @@ class Run:
             self.models = args.models
         if args.sparse:
             self.sparse_configs = args.sparse
+        self.retries = 0 if self.mode == "smoke" else 1
+        if args.retries is not None:
+            self.retries = max(0, args.retries)
         if args.repeats:
             self.repeats = max(1, args.repeats)
         if args.target_ms:
@@ -267,6 +273,7 @@ def main(argv=None):
         run.bw = machine.bandwidth(run.probe, threads=bw_threads, repeats=run.bw_repeats,
                                    log=run.log)
         result["bandwidth"] = run.bw
+    S._RUN = run
     total = sum(S.SCENARIOS[s][1](run) for s in run.scenarios)
     run.progress = Progress(total, label="bench", enabled=run.show_progress)
     json_path = os.path.join(run.out, "results.json")

@@ -108,6 +108,8 @@ def build_parser():
     ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                     help="first wait (up to SECONDS) until other processes use < 0.15 CPUs "
                          "(shared machines)")
+    ap.add_argument("--render", metavar="JSON",
+                    help="no measuring: re-make tables, results.md and plots from a results.json")
     ap.add_argument("--list", action="store_true", help="list scenarios and peers, then exit")
     return ap
 
@@ -239,6 +241,8 @@ def main(argv=None):
         for k, (_, d) in S.SPARSE.items():
             print(f"  {k:20s} {d}")
         return 0
+    if args.render:
+        return render(args.render, args.out, plots=not args.no_plots)
     P.env_quiet()
     run = Run(args)
     if args.wait_idle > 0:
@@ -294,6 +298,7 @@ def main(argv=None):
             result["errors"].append(f"{name}: {type(e).__name__}: {e}")
             continue
         report.add_speedups(recs)
+        report.fill_bounds(recs)
         cfg = info.get("fastadam_config", {})
         for r in recs:  # the machine, compactly, with every result (full record in meta)
             r.update(cpu=info["cpu"], cores=info["usable_cpus"], isa_module=cfg.get("isa"),
@@ -307,6 +312,7 @@ def main(argv=None):
         result["meta"]["duration_s"] = time.time() - t_start
         report.write_json(result, json_path)
     run.progress.close()
+    report.fill_bounds(result["results"])
     result["meta"]["duration_s"] = time.time() - t_start
     result["meta"]["loadavg_end"] = _loadavg()
     result["meta"]["others_cpu"] = meter.others()
@@ -326,6 +332,25 @@ def main(argv=None):
     if result["errors"]:
         print("errors: " + "; ".join(result["errors"]))
         return 1
+    return 0
+
+
+def render(path, out, plots=True):
+    import json
+    with open(path) as f:
+        result = json.load(f)
+    result["bandwidth"] and result["bandwidth"].update(by_threads={
+        int(k): v for k, v in result["bandwidth"]["by_threads"].items()})
+    report.add_speedups(result["results"])
+    report.fill_bounds(result["results"])
+    for title, tb in report.tables(result):
+        print("\n" + report.render_terminal(title, tb))
+    os.makedirs(out, exist_ok=True)
+    md = os.path.join(out, "results.md")
+    with open(md, "w") as f:
+        f.write(report.markdown(result))
+    files = [md] + (report.plots(result, out) if plots else [])
+    print("\nwrote " + ", ".join(files))
     return 0
 
 

@@ -204,7 +204,8 @@ def tables(result):
     ov = [r for r in recs if r["scenario"] == "overhead"]
     for dt in sorted({r["dtype"] for r in ov}):
         rs = sorted([r for r in ov if r["dtype"] == dt], key=lambda r: r["median_s"])
-        rows = [[r["impl"], f"{r['median_s'] * 1e6:.2f}",
+        rows = [[r["impl"], ("~" if (r.get("spread") or 1) > NOISY else "")
+                 + f"{r['median_s'] * 1e6:.2f}",
                  f"{r['min_s'] * 1e6:.2f}-{r['max_s'] * 1e6:.2f}",
                  f"{r['vs_best_peer']:.2f}x" if "vs_best_peer" in r else "-"] for r in rs]
         out.append((f"Per-call overhead, 16 elements, {dt}",
@@ -214,7 +215,8 @@ def tables(result):
     for key in sorted({(r["model"], r["dtype"], r["threads"]) for r in many}):
         rs = [r for r in many if (r["model"], r["dtype"], r["threads"]) == key]
         rs = sorted(rs, key=lambda r: r["median_s"])
-        rows = [[r["impl"], f"{r['ms_per_step']:.1f}",
+        rows = [[r["impl"], ("~" if (r.get("spread") or 1) > NOISY else "")
+                 + f"{r['ms_per_step']:.1f}",
                  f"{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}", f"{r['ns_per_elem']:.3f}",
                  f"{r.get('pct_bound', float('nan')):.0f}%",
                  f"{r['vs'].get('torch-fused', float('nan')):.2f}x" if r.get("vs") else "-",
@@ -229,7 +231,8 @@ def tables(result):
     for key in sorted({tuple(r[k] for k in GROUP_KEYS["sparse"]) for r in sp}):
         rs = [r for r in sp if tuple(r[k] for k in GROUP_KEYS["sparse"]) == key]
         rs = sorted(rs, key=lambda r: r["median_s"])
-        rows = [[r["impl"], f"{r['ms_per_step']:.3f}",
+        rows = [[r["impl"], ("~" if (r.get("spread") or 1) > NOISY else "")
+                 + f"{r['ms_per_step']:.3f}",
                  f"{r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f}",
                  f"{r['ns_per_touched_elem']:.2f}", f"{r.get('pct_bound', float('nan')):.0f}%",
                  f"{r['vs']['torch']:.1f}x" if r.get("vs", {}).get("torch") else "-",
@@ -250,7 +253,7 @@ def tables(result):
         for key in sorted({(r["dtype"], r["threads"], r["n"]) for r in isa}):
             by = {r["impl"]: r for r in isa if (r["dtype"], r["threads"], r["n"]) == key}
             rows.append([key[0], key[1], fmt_n(key[2])]
-                        + [f"{fmt_t(by[i]['median_s'])} ({by[i]['ns_per_elem']:.3g} ns/el"
+                        + [f"{fmt_r(by[i])} ({by[i]['ns_per_elem']:.3g} ns/el"
                            + (f", {by[i]['vs_baseline']:.2f}x" if "vs_baseline" in by[i] else "")
                            + ")" if i in by else "-" for i in impls])
         chosen = next((r["impl"] for r in isa if r.get("chosen")), "?")
@@ -265,7 +268,7 @@ def tables(result):
         rows = []
         for n in sorted({r["n"] for r in rs}):
             by = {r["threads"]: r for r in rs if r["n"] == n}
-            rows.append([f"{n:,}", fmt_t(by[1]["median_s"]), fmt_t(by[2]["median_s"]),
+            rows.append([f"{n:,}", fmt_r(by[1]), fmt_r(by[2]),
                          f"{by[2]['ratio_2_over_1']:.2f}",
                          "2 threads" if by[2]["median_s"] < by[1]["median_s"] else "1 thread"])
         cross = s["crossover_elems"]

@@ -63,10 +63,17 @@ def add_speedups(records):
 NOISY = 1.5  # max/min over the repeats above which a cell is marked "~"
 
 
+BUSY = 0.25  # CPUs used by other processes during a case above which it is marked "~"
+
+
+def disturbed(r):
+    return (r.get("spread") or 1.0) > NOISY or (r.get("others_cpu") or 0.0) > BUSY
+
+
 def fmt_r(r):
-    """A record's median time, marked "~" when its repeats spread > NOISY."""
+    """A record's median time, marked "~" when it was disturbed (see ``disturbed``)."""
     t = fmt_t(r["median_s"])
-    return ("~" + t) if (r.get("spread") or 1.0) > NOISY else t
+    return ("~" + t) if disturbed(r) else t
 
 
 def fmt_t(s):
@@ -204,7 +211,7 @@ def tables(result):
     ov = [r for r in recs if r["scenario"] == "overhead"]
     for dt in sorted({r["dtype"] for r in ov}):
         rs = sorted([r for r in ov if r["dtype"] == dt], key=lambda r: r["median_s"])
-        rows = [[r["impl"], ("~" if (r.get("spread") or 1) > NOISY else "")
+        rows = [[r["impl"], ("~" if disturbed(r) else "")
                  + f"{r['median_s'] * 1e6:.2f}",
                  f"{r['min_s'] * 1e6:.2f}-{r['max_s'] * 1e6:.2f}",
                  f"{r['vs_best_peer']:.2f}x" if "vs_best_peer" in r else "-"] for r in rs]
@@ -215,7 +222,7 @@ def tables(result):
     for key in sorted({(r["model"], r["dtype"], r["threads"]) for r in many}):
         rs = [r for r in many if (r["model"], r["dtype"], r["threads"]) == key]
         rs = sorted(rs, key=lambda r: r["median_s"])
-        rows = [[r["impl"], ("~" if (r.get("spread") or 1) > NOISY else "")
+        rows = [[r["impl"], ("~" if disturbed(r) else "")
                  + f"{r['ms_per_step']:.1f}",
                  f"{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}", f"{r['ns_per_elem']:.3f}",
                  f"{r.get('pct_bound', float('nan')):.0f}%",
@@ -231,7 +238,7 @@ def tables(result):
     for key in sorted({tuple(r[k] for k in GROUP_KEYS["sparse"]) for r in sp}):
         rs = [r for r in sp if tuple(r[k] for k in GROUP_KEYS["sparse"]) == key]
         rs = sorted(rs, key=lambda r: r["median_s"])
-        rows = [[r["impl"], ("~" if (r.get("spread") or 1) > NOISY else "")
+        rows = [[r["impl"], ("~" if disturbed(r) else "")
                  + f"{r['ms_per_step']:.3f}",
                  f"{r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f}",
                  f"{r['ns_per_touched_elem']:.2f}", f"{r.get('pct_bound', float('nan')):.0f}%",
@@ -272,9 +279,11 @@ def tables(result):
                          f"{by[2]['ratio_2_over_1']:.2f}",
                          "2 threads" if by[2]["median_s"] < by[1]["median_s"] else "1 thread"])
         cross = s["crossover_elems"]
+        dis = s.get("disturbed_sizes") or []
         out.append((f"Serial vs 2-thread crossover, {s['dtype']} ({s['isa']}): 2 threads win "
                     f"from {cross:,} elements -> SERIAL_THRESHOLD (per thread) = "
                     f"{s['suggested_serial_threshold']:,} (now {s['current_serial_threshold']})"
+                    + (f"; {len(dis)} disturbed sizes ignored" if dis else "")
                     if cross else
                     f"Serial vs 2-thread crossover, {s['dtype']}: no stable crossover in range",
                     _table(["elements", "1 thread", "2 threads", "t2/t1", "faster"], rows)))
@@ -319,8 +328,9 @@ def markdown(result):
         "Times are medians over interleaved repeats (min-max in results.json); "
         "\"vs best peer\" = best peer's median / fastadam's median (the numpy reference "
         "is not a peer); % of bound = achieved bytes/s (28 B/elem fp32, 56 fp64) over the "
-        "bandwidth measured in the same run. A time marked ~ had repeats spreading more "
-        f"than {NOISY}x (max/min) even after re-measuring: another process disturbed it.",
+        "bandwidth measured in the same run. A time marked ~ was disturbed even after "
+        f"re-measuring: its repeats spread more than {NOISY}x (max/min) or other processes "
+        f"used more than {BUSY} CPUs meanwhile.",
     ]
     if result.get("skipped"):
         head.append("Skipped: " + "; ".join(result["skipped"]))

@@ -27,7 +27,8 @@ _RUN = None
 def _rec(scenario, impl, res, **kw):
     r = {"scenario": scenario, "impl": impl, "median_s": res["median"], "min_s": res["min"],
          "max_s": res["max"], "inner": res["inner"], "repeats": len(res["samples"]),
-         "attempts": res.get("attempts", 1), "spread": res.get("spread")}
+         "attempts": res.get("attempts", 1), "spread": res.get("spread"),
+         "others_cpu": res.get("others_cpu")}
     r.update(kw)
     return r
 
@@ -483,25 +484,33 @@ def threshold(run):
             with P.threads(tmax):
                 res = interleave(cases, repeats=run.repeats, target_s=run.target_s)
             t1, t2 = res["1 thread"]["median"], res["2 threads"]["median"]
-            rows.append((n, t1, t2))
+            bad = any(_disturbed(rr) for rr in res.values())
+            rows.append((n, t1, t2, bad))
             for impl, rr in res.items():
                 r = _rec("threshold", impl, rr, dtype=dtype, isa=_dispatch.ISA,
                          threads=1 if impl.startswith("1") else 2)
                 r.update(n=n, ns_per_elem=rr["median"] / n * 1e9, ratio_2_over_1=t2 / t1)
                 out.append(r)
-        # crossover: the smallest size from which 2 threads win at every larger size
+        # crossover: the smallest size from which 2 threads win at every larger size,
+        # over the sizes whose measurement was not disturbed by other processes
+        clean = [row for row in rows if not row[3]] or rows
         cross = None
-        for i, (n, t1, t2) in enumerate(rows):
-            if all(b < a for _, a, b in rows[i:]):
+        for i, (n, t1, t2, _) in enumerate(clean):
+            if all(b < a for _, a, b, _ in clean[i:]):
                 cross = n
                 break
         out.append({"scenario": "threshold-summary", "impl": "fastadam", "dtype": dtype,
                     "isa": _dispatch.ISA, "crossover_elems": cross,
                     "suggested_serial_threshold": None if cross is None else cross // 2,
                     "current_serial_threshold": _current_threshold(),
-                    "sizes": [r[0] for r in rows]})
+                    "sizes": [r[0] for r in rows],
+                    "disturbed_sizes": [r[0] for r in rows if r[3]]})
         case.free()
     return out
+
+
+def _disturbed(rr):
+    return (rr.get("spread") or 1.0) > 1.5 or (rr.get("others_cpu") or 0.0) > 0.25
 
 
 def _current_threshold():

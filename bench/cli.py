@@ -101,7 +101,7 @@ def build_parser():
                     help="length of one timed sample (calls are batched up to this)")
     ap.add_argument("--retries", type=int, default=None,
                     help="re-measure a case whose repeats spread > 1.5x (max/min) up to this "
-                         "many times (default 1; 0 in --smoke)")
+                         "many times (default: 1 in the full run, 0 in --quick/--smoke)")
     ap.add_argument("--out", default="bench_results", help="results folder (default: %(default)s)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -177,7 +177,8 @@ class Run:
             self.models = args.models
         if args.sparse:
             self.sparse_configs = args.sparse
-        self.retries = 0 if self.mode == "smoke" else 1
+        # --quick keeps its 2-minute budget (no re-measuring; disturbed cells are marked ~)
+        self.retries = 1 if self.mode == "full" else 0
         if args.retries is not None:
             self.retries = max(0, args.retries)
         if args.repeats:

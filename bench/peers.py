@@ -84,6 +84,9 @@ def deepspeed_opt(adamw, first_param):
     cls = deepspeed_cls()
     opt = _DS_CACHE.get(adamw)
     if opt is None:
+        if not _DS_CACHE:
+            print("deepspeed: loading its cpu_adam op (the first use ever compiles it, ~1 min; "
+                  "cached in ~/.cache/torch_extensions)", flush=True)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 opt = cls([first_param], lr=LR, adamw_mode=adamw,

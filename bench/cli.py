@@ -14,7 +14,7 @@ from .timing import Progress
 EPILOG = """\
 modes:
   (default)  the full run: every size 2**4..2**26, float32 and float64, threads 1..N,
-             GPT-2 small and BERT-base, three sparse workloads, ISA and threshold sweeps
+             GPT-2 small and BERT-base, four sparse workloads, ISA and threshold sweeps
   --quick    the README command: float32, N threads, the key sizes, GPT-2 small, the
              default sparse workload, ISA and threshold (under 2 minutes on 2 cores)
   --smoke    seconds; proves the suite runs (CI). Never asserts timings.

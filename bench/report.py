@@ -284,6 +284,9 @@ def tables(result):
                     f"from {cross:,} elements -> SERIAL_THRESHOLD (per thread) = "
                     f"{s['suggested_serial_threshold']:,} (now {s['current_serial_threshold']})"
                     + (f"; {len(dis)} disturbed sizes ignored" if dis else "")
+                    + ("" if s.get("reliable", True) else
+                       " -- UNRELIABLE: no undisturbed smaller size where 1 thread won; re-run "
+                       "on a quieter machine")
                     if cross else
                     f"Serial vs 2-thread crossover, {s['dtype']}: no stable crossover in range",
                     _table(["elements", "1 thread", "2 threads", "t2/t1", "faster"], rows)))

@@ -499,7 +499,11 @@ def threshold(run):
             if all(b < a for _, a, b, _ in clean[i:]):
                 cross = n
                 break
+        # trust it only if a clean smaller size shows 1 thread winning
+        reliable = cross is not None and any(
+            n < cross and b >= a for n, a, b, bad in rows if not bad)
         out.append({"scenario": "threshold-summary", "impl": "fastadam", "dtype": dtype,
+                    "reliable": reliable,
                     "isa": _dispatch.ISA, "crossover_elems": cross,
                     "suggested_serial_threshold": None if cross is None else cross // 2,
                     "current_serial_threshold": _current_threshold(),

@@ -1,0 +1,377 @@
+"""Command line: ``python -m bench [--quick | --smoke] [filters] [--out DIR]``."""
+import argparse
+import math
+import os
+import re
+import sys
+import time
+
+from . import machine, report
+from . import peers as P
+from . import scenarios as S
+from .timing import Progress
+
+EPILOG = """\
+modes:
+  (default)  the full run: every size 2**4..2**26, float32 and float64, threads 1..N,
+             GPT-2 small and BERT-base, four sparse workloads, ISA and threshold sweeps
+  --quick    the README command: float32, N threads, the key sizes, GPT-2 small, the
+             default sparse workload, ISA and threshold (under 2 minutes on 2 cores)
+  --smoke    seconds; proves the suite runs (CI). Never asserts timings.
+
+examples:
+  python -m bench --quick
+  python -m bench --scenario dense --dtype float32 --threads 1,2 --sizes 2**16,2**20
+  python -m bench --scenario many,overhead --peers fastadam,fastadam.Adam,torch-fused,deepspeed
+  python -m bench --scenario sparse --sparse 1000000x64x16384x1.1 --out /tmp/res
+"""
+
+
+def parse_size(tok):
+    tok = tok.strip().replace("_", "")
+    m = re.fullmatch(r"(\d+)\s*\*\*\s*(\d+)", tok) or re.fullmatch(r"(\d+)\^(\d+)", tok)
+    if m:
+        return int(m.group(1)) ** int(m.group(2))
+    m = re.fullmatch(r"1<<(\d+)", tok)
+    if m:
+        return 1 << int(m.group(1))
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgG])", tok)
+    if m:
+        return int(float(m.group(1)) * {"k": 2**10, "m": 2**20, "g": 2**30}[m.group(2).lower()])
+    return int(float(tok))
+
+
+def parse_sizes(s):
+    """``2**16,2**20`` or ``1000,65536`` or ``2**4..2**26`` (every power of two)."""
+    out = []
+    for part in s.split(","):
+        if ".." in part:
+            lo, hi = (parse_size(x) for x in part.split(".."))
+            k = math.ceil(math.log2(lo))
+            while 2**k <= hi:
+                out.append(2**k)
+                k += 1
+        elif part.strip():
+            out.append(parse_size(part))
+    if any(n < 1 for n in out):
+        raise argparse.ArgumentTypeError("sizes must be >= 1")
+    return sorted(set(out))
+
+
+def parse_sparse(s):
+    out = []
+    for part in s.split(","):
+        f = part.lower().split("x")
+        if len(f) != 4:
+            raise argparse.ArgumentTypeError(
+                f"--sparse wants ROWSxDIMxBATCHxZIPF (e.g. 1000000x64x16384x1.1), got {part!r}")
+        out.append((parse_size(f[0]), parse_size(f[1]), parse_size(f[2]), float(f[3])))
+    return out
+
+
+def _csv(s):
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", description="fastadam microbenchmarks: peers side by side, "
+        "interleaved, against the machine's measured memory bandwidth.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the README run (< 2 min here)")
+    mode.add_argument("--smoke", action="store_true", help="seconds; for CI")
+    ap.add_argument("--scenario", type=_csv, default=None,
+                    help="comma list of: " + ", ".join(S.SCENARIOS) + " (default: all)")
+    ap.add_argument("--dtype", type=_csv, default=None, help="float32,float64")
+    ap.add_argument("--threads", type=lambda s: sorted({int(x) for x in _csv(s)}), default=None,
+                    help="comma list of thread counts (default: N for --quick, 1..N full)")
+    ap.add_argument("--peers", type=_csv, default=None,
+                    help="comma list of implementations to run (default: all; see --list); "
+                         "'all' includes DeepSpeed in --smoke")
+    ap.add_argument("--sizes", type=parse_sizes, default=None,
+                    help="dense and isa sizes: 2**16,2**20 or 16,65536 or 2**4..2**26")
+    ap.add_argument("--models", type=_csv, default=None,
+                    help="many-arrays models: " + ", ".join(S.MODELS))
+    ap.add_argument("--sparse", type=parse_sparse, default=None, metavar="RxDxBxZ",
+                    help="sparse workloads ROWSxDIMxBATCHxZIPF, comma separated "
+                         "(Zipf 0 = uniform); default 1000000x64x16384x1.1")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
+    ap.add_argument("--target-ms", type=float, default=None,
+                    help="length of one timed sample (calls are batched up to this)")
+    ap.add_argument("--retries", type=int, default=None,
+                    help="re-measure a case whose repeats spread > 1.5x (max/min) up to this "
+                         "many times (default: 1 in the full run, 0 in --quick/--smoke)")
+    ap.add_argument("--out", default="bench_results", help="results folder (default: %(default)s)")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                    help="first wait (up to SECONDS) until other processes use < 0.15 CPUs "
+                         "(shared machines)")
+    ap.add_argument("--render", metavar="JSON",
+                    help="no measuring: re-make tables, results.md and plots from a results.json")
+    ap.add_argument("--list", action="store_true", help="list scenarios and peers, then exit")
+    return ap
+
+
+class Run:
+    """Everything a scenario needs: what to run and where to report."""
+
+    def __init__(self, args):
+        ncpu = machine.describe()["usable_cpus"] or 1
+        self.ncpu = ncpu
+        if args.smoke:
+            self.mode = "smoke"
+            sizes = [2**4, 2**10, 2**14]
+            self.dtypes, self.threads = ["float32"], [ncpu]
+            self.repeats, self.target_s = 3, 0.002
+            self.bw_elems, self.bw_repeats = 2**20, 2
+            self.models = ["tiny"]
+            self.sparse_configs = [(10_000, 16, 256, 1.1)]
+            self.isa_sizes = [2**10]
+            self.threshold_sizes = [2**10, 2**12, 2**14]
+            self.dense_variants = [("adam", sizes)]
+            self.threads_many = [ncpu]
+        elif args.quick:
+            self.mode = "quick"
+            sizes = [2**4, 2**8, 2**12, 2**16, 2**20, 2**23, 2**26]
+            self.dtypes, self.threads = ["float32"], [ncpu]
+            self.repeats, self.target_s = 5, 0.02
+            self.bw_elems, self.bw_repeats = 2**27, 3
+            self.models = ["gpt2-small"]
+            self.sparse_configs = [(1_000_000, 64, 16384, 1.1)]
+            self.isa_sizes = [2**16, 2**20]
+            self.threshold_sizes = _geom(2**10, 2**18, 2)
+            self.dense_variants = [("adam", sizes)]
+            self.threads_many = [ncpu]
+        else:
+            self.mode = "full"
+            sizes = [2**k for k in range(4, 27)]
+            self.dtypes, self.threads = ["float32", "float64"], list(range(1, ncpu + 1))
+            self.repeats, self.target_s = 7, 0.04
+            self.bw_elems, self.bw_repeats = 2**27, 7
+            self.models = ["gpt2-small", "bert-base"]
+            self.sparse_configs = [(1_000_000, 64, 16384, 1.1), (1_000_000, 64, 16384, 0.0),
+                                   (1_000_000, 64, 131072, 1.1), (10_000_000, 32, 16384, 1.1)]
+            self.isa_sizes = [2**12, 2**16, 2**20, 2**24]
+            self.threshold_sizes = _geom(2**10, 2**19, 4)
+            self.dense_variants = [("adam", sizes), ("adamw", [2**16, 2**20, 2**24])]
+            self.threads_many = list(range(1, ncpu + 1))
+        self.threads_isa = sorted({1, ncpu}) if self.mode != "smoke" else [ncpu]
+        self.dtypes_many = ["float32"]
+        self.dtypes_sparse = ["float32"]
+        if args.dtype:
+            bad = [d for d in args.dtype if d not in ("float32", "float64")]
+            if bad:
+                raise SystemExit(f"--dtype: unknown {bad}; use float32,float64")
+            self.dtypes = self.dtypes_many = self.dtypes_sparse = args.dtype
+        if args.threads:
+            self.threads = self.threads_many = self.threads_isa = args.threads
+        if args.sizes:
+            self.dense_variants = [("adam", args.sizes)]
+            self.isa_sizes = args.sizes
+        if args.models:
+            bad = [m for m in args.models if m not in S.MODELS]
+            if bad:
+                raise SystemExit(f"--models: unknown {bad}; use {', '.join(S.MODELS)}")
+            self.models = args.models
+        if args.sparse:
+            self.sparse_configs = args.sparse
+        # --quick keeps its 2-minute budget (no re-measuring; disturbed cells are marked ~)
+        self.retries = 1 if self.mode == "full" else 0
+        if args.retries is not None:
+            self.retries = max(0, args.retries)
+        if args.repeats:
+            self.repeats = max(1, args.repeats)
+        if args.target_ms:
+            self.target_s = args.target_ms / 1e3
+        known = set(P.DENSE) | set(S.SPARSE) | {"fastadam-kernel", "all"}
+        if args.peers:
+            bad = [p for p in args.peers if p not in known]
+            if bad:
+                raise SystemExit(f"--peers: unknown {bad}; known: {', '.join(sorted(known))}")
+        if args.peers and "all" in args.peers:
+            self.peers = None
+        elif args.peers:
+            self.peers = set(args.peers)
+        elif self.mode == "smoke":  # DeepSpeed's import + set-up alone takes seconds
+            self.peers = (set(P.DENSE) | set(S.SPARSE) | {"fastadam-kernel"}) - {"deepspeed"}
+        else:
+            self.peers = None
+        self.scenarios = args.scenario or list(S.SCENARIOS)
+        bad = [s for s in self.scenarios if s not in S.SCENARIOS]
+        if bad:
+            raise SystemExit(f"--scenario: unknown {bad}; use {', '.join(S.SCENARIOS)}")
+        self.out = args.out
+        self.skipped = []
+        self.bw = None
+        self.probe = None
+        self.progress = Progress(1, enabled=False)
+        self.show_progress = not args.no_progress
+
+    def repeats_for(self, n):
+        return min(self.repeats, 5) if n >= 2**24 else self.repeats
+
+    def log(self, msg):
+        if self.progress.enabled and self.progress.tty:
+            sys.stderr.write("\r" + " " * 120 + "\r")
+        print(msg, flush=True)
+
+
+def _geom(lo, hi, per_octave):
+    out, k = [], 0
+    while True:
+        n = int(round(lo * 2 ** (k / per_octave) / 16)) * 16
+        if n > hi:
+            return out
+        out.append(n)
+        k += 1
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.list:
+        print("scenarios:")
+        for k, (_, _, d) in S.SCENARIOS.items():
+            print(f"  {k:10s} {d}")
+        print("dense/many/overhead implementations:")
+        for k, (_, d) in P.DENSE.items():
+            print(f"  {k:20s} {d}")
+        print(f"  {'fastadam-kernel':20s} the ISA kernel called directly (overhead floor)")
+        print("sparse implementations:")
+        for k, (_, d) in S.SPARSE.items():
+            print(f"  {k:20s} {d}")
+        return 0
+    if args.render:
+        return render(args.render, args.out, plots=not args.no_plots)
+    P.env_quiet()
+    run = Run(args)
+    if args.wait_idle > 0:
+        _wait_idle(args.wait_idle, run.log)
+    t_start = time.time()
+    meter = machine.CpuMeter()
+    os.makedirs(run.out, exist_ok=True)
+    info = machine.describe()
+    cmd = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"meta": {"command": cmd.strip(), "mode": run.mode, "machine": info,
+                       "date_utc": info["date_utc"], "loadavg_start": _loadavg(),
+                       "settings": {k: v for k, v in vars(run).items()
+                                    if k in ("dtypes", "threads", "repeats", "target_s",
+                                             "models", "sparse_configs", "isa_sizes",
+                                             "threshold_sizes", "dense_variants",
+                                             "threads_many", "threads_isa", "scenarios")},
+                       "peers": sorted(run.peers) if run.peers else "all"},
+              "bandwidth": None, "results": [], "skipped": run.skipped, "errors": []}
+    print(f"fastadam bench ({run.mode}) on {machine.short_name(info)}; "
+          f"threads {run.threads}; results -> {run.out}/", flush=True)
+    if "torch" not in sys.modules:
+        try:
+            P.torch_mod()
+        except P.Skip as e:
+            run.log(f"skip torch peers: {e}")
+            run.skipped.append(str(e))
+    needs_bw = any(s in run.scenarios for s in ("dense", "many", "sparse", "isa"))
+    if needs_bw:
+        run.log(f"measuring memory bandwidth ({run.bw_elems * 4 / 2**20:.0f} MiB arrays)...")
+        bw_threads = sorted(set(run.threads) | set(run.threads_many))
+        run.probe = machine.Probe(run.bw_elems)
+        run.bw = machine.bandwidth(run.probe, threads=bw_threads, repeats=run.bw_repeats,
+                                   log=run.log)
+        result["bandwidth"] = run.bw
+    S._RUN = run
+    total = sum(S.SCENARIOS[s][1](run) for s in run.scenarios)
+    run.progress = Progress(total, label="bench", enabled=run.show_progress)
+    json_path = os.path.join(run.out, "results.json")
+    for name in run.scenarios:
+        fn = S.SCENARIOS[name][0]
+        t0 = time.time()
+        try:
+            recs = fn(run)
+        except MemoryError:
+            run.log(f"scenario {name}: out of memory, skipped (try smaller --sizes/--models)")
+            result["errors"].append(f"{name}: MemoryError")
+            continue
+        except Exception as e:  # report, keep going, exit non-zero at the end
+            import traceback
+            run.progress.close()
+            run.log(f"scenario {name} FAILED: {type(e).__name__}: {e}\n"
+                    + traceback.format_exc())
+            result["errors"].append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        report.add_speedups(recs)
+        report.fill_bounds(recs)
+        cfg = info.get("fastadam_config", {})
+        for r in recs:  # the machine, compactly, with every result (full record in meta)
+            r.update(cpu=info["cpu"], cores=info["usable_cpus"], isa_module=cfg.get("isa"),
+                     fastadam=info["versions"].get("fastadam"))
+        result["results"].extend(recs)
+        run.progress.close()
+        sub = dict(result, results=recs)
+        for title, tb in report.tables(dict(sub, bandwidth=None)):
+            print("\n" + report.render_terminal(title, tb), flush=True)
+        run.log(f"  ({name}: {time.time() - t0:.0f} s)")
+        result["meta"]["duration_s"] = time.time() - t_start
+        report.write_json(result, json_path)
+    run.progress.close()
+    report.fill_bounds(result["results"])
+    result["meta"]["duration_s"] = time.time() - t_start
+    result["meta"]["loadavg_end"] = _loadavg()
+    result["meta"]["others_cpu"] = meter.others()
+    if (result["meta"]["others_cpu"] or 0) > 0.2:
+        run.log(f"note: other processes used {result['meta']['others_cpu']:.2f} CPUs on average "
+                "during this run; timings are noisier than on an idle machine")
+    report.write_json(result, json_path)
+    md_path = os.path.join(run.out, "results.md")
+    with open(md_path, "w") as f:
+        f.write(report.markdown(result))
+    files = [json_path, md_path]
+    if not args.no_plots:
+        files += report.plots(result, run.out, log=run.log)
+    if run.bw:
+        print("\n" + report.render_terminal(*report.tables(dict(result, results=[]))[0]))
+    print(f"\ndone in {result['meta']['duration_s']:.0f} s; wrote " + ", ".join(files))
+    if result["errors"]:
+        print("errors: " + "; ".join(result["errors"]))
+        return 1
+    return 0
+
+
+def render(path, out, plots=True):
+    import json
+    with open(path) as f:
+        result = json.load(f)
+    result["bandwidth"] and result["bandwidth"].update(by_threads={
+        int(k): v for k, v in result["bandwidth"]["by_threads"].items()})
+    report.add_speedups(result["results"])
+    report.fill_bounds(result["results"])
+    for title, tb in report.tables(result):
+        print("\n" + report.render_terminal(title, tb))
+    os.makedirs(out, exist_ok=True)
+    md = os.path.join(out, "results.md")
+    with open(md, "w") as f:
+        f.write(report.markdown(result))
+    files = [md] + (report.plots(result, out) if plots else [])
+    print("\nwrote " + ", ".join(files))
+    return 0
+
+
+def _wait_idle(limit_s, log):
+    t0 = time.time()
+    while True:
+        m = machine.CpuMeter()
+        time.sleep(3)
+        busy = m.others() or 0.0
+        if busy < 0.15:
+            log(f"machine idle (other processes: {busy:.2f} CPUs); starting")
+            return
+        if time.time() - t0 > limit_s:
+            log(f"machine still busy after {limit_s:.0f} s (other processes: {busy:.2f} "
+                "CPUs); starting anyway")
+            return
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

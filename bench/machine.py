@@ -1,0 +1,281 @@
+"""The machine a result was measured on, and its memory bandwidth."""
+import concurrent.futures
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cpu_model():
+    txt = _read("/proc/cpuinfo") or ""
+    for line in txt.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def caches():
+    out = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in sorted(os.listdir(base)):
+            if not d.startswith("index"):
+                continue
+            lvl = _read(f"{base}/{d}/level")
+            typ = _read(f"{base}/{d}/type")
+            size = _read(f"{base}/{d}/size")
+            if lvl and size:
+                out[f"L{lvl}{'d' if typ == 'Data' else 'i' if typ == 'Instruction' else ''}"] = size
+    except OSError:
+        pass
+    return out
+
+
+def mem_total_gb():
+    txt = _read("/proc/meminfo") or ""
+    for line in txt.splitlines():
+        if line.startswith("MemTotal"):
+            return round(int(line.split()[1]) / 2**20, 1)
+    return None
+
+
+def versions():
+    v = {"python": sys.version.split()[0], "numpy": np.__version__}
+    try:
+        import fastadam
+        v["fastadam"] = fastadam.__version__
+    except Exception as e:  # pragma: no cover
+        v["fastadam"] = f"unavailable: {e}"
+    for mod in ("torch", "deepspeed", "matplotlib", "threadpoolctl"):
+        try:
+            m = __import__(mod) if mod != "deepspeed" else None
+            if mod == "deepspeed":
+                from importlib.metadata import version
+                v[mod] = version("deepspeed")
+            else:
+                v[mod] = m.__version__
+        except Exception:
+            v[mod] = None
+    return v
+
+
+def describe():
+    """A dict naming the machine and software: recorded with every result."""
+    try:
+        ncpu_aff = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        ncpu_aff = os.cpu_count()
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "os": platform.platform(),
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": ncpu_aff,
+        "caches": caches(),
+        "mem_total_gb": mem_total_gb(),
+        "versions": versions(),
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "FASTADAM_ISA", "MKL_NUM_THREADS")
+                if k in os.environ},
+    }
+    info["fastadam_source"] = _fastadam_source()
+    try:
+        from fastadam import _config
+        info["fastadam_config"] = _config.config()
+    except Exception as e:  # pragma: no cover
+        info["fastadam_config"] = {"error": repr(e)}
+    return info
+
+
+def _fastadam_source():
+    """Where fastadam was imported from and, if a git checkout, its commit."""
+    try:
+        import subprocess
+
+        import fastadam
+        d = os.path.dirname(os.path.dirname(os.path.abspath(fastadam.__file__)))
+        out = {"path": d}
+        r = subprocess.run(["git", "-C", d, "log", "-1", "--format=%h %s"], capture_output=True,
+                           text=True, timeout=10)
+        if r.returncode == 0:
+            out["commit"] = r.stdout.strip()
+            st = subprocess.run(["git", "-C", d, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+            out["dirty"] = bool(st.stdout.strip())
+        return out
+    except Exception as e:  # pragma: no cover
+        return {"error": repr(e)}
+
+
+def short_name(info):
+    cfg = info.get("fastadam_config", {})
+    return (f"{info['cpu']}, {info['usable_cpus']} cores, {info['mem_total_gb']} GB RAM, "
+            f"fastadam ISA {cfg.get('isa', '?')}")
+
+
+# --------------------------------------------------------------------------
+# Memory-bandwidth probe
+# --------------------------------------------------------------------------
+
+class _Pool:
+    def __init__(self, n):
+        self.n = n
+        self.ex = concurrent.futures.ThreadPoolExecutor(max_workers=n) if n > 1 else None
+
+    def run(self, fn, *arrays):
+        """fn(*slices) over n contiguous parts, one Python thread each (numpy
+        releases the GIL inside the loops, so the parts run in parallel)."""
+        if self.ex is None:
+            fn(*arrays)
+            return
+        n = arrays[0].size
+        bounds = [(i * n) // self.n for i in range(self.n + 1)]
+        futs = [self.ex.submit(fn, *(a[bounds[i]:bounds[i + 1]] for a in arrays))
+                for i in range(self.n)]
+        for f in futs:
+            f.result()
+
+    def close(self):
+        if self.ex is not None:
+            self.ex.shutdown()
+
+
+class Probe:
+    """Memory-bandwidth probes on float32 arrays of ``n_elems`` elements
+    (default 512 MiB each, far larger than any cache), kept for the whole run
+    so they can also be interleaved with the implementations (the machine's
+    bandwidth drifts: other tenants, other processes).
+
+    Probes (STREAM-style byte counts, no write-allocate):
+      * ``copy``          b[:] = a      numpy ``copyto``                      8 B/elem
+      * ``update``        a += b        numpy (read-modify-write, like Adam)  12 B/elem
+      * ``torch-update``  a += b        torch ``add_`` with torch threads     12 B/elem
+    With several threads, numpy runs on contiguous parts from Python threads
+    (numpy releases the GIL): independent of fastadam.
+    """
+
+    INTERLEAVED = ("update", "torch-update")
+
+    def __init__(self, n_elems=2**27, use_torch=True):
+        self.n = n_elems
+        self.a = np.empty(n_elems, np.float32)
+        self.b = np.empty(n_elems, np.float32)
+        self.a.fill(1.0)
+        self.b.fill(1e-7)
+        self.tor = None
+        if use_torch:
+            try:
+                import torch
+                self.tor = torch
+                self.ta, self.tb = torch.from_numpy(self.a), torch.from_numpy(self.b)
+            except Exception:
+                self.tor = None
+        self._pools = {}
+
+    def _pool(self, t):
+        if t not in self._pools:
+            self._pools[t] = _Pool(t)
+        return self._pools[t]
+
+    def cases(self, t, names=None):
+        """name -> (fn, bytes per call); call inside ``peers.threads(t)``."""
+        pool = self._pool(t)
+        a, b = self.a, self.b
+        out = {"copy": (lambda: pool.run(np.copyto, b, a), 8 * self.n),
+               "update": (lambda: pool.run(lambda x, y: np.add(x, y, out=x), a, b), 12 * self.n)}
+        if self.tor is not None:
+            ta, tb = self.ta, self.tb
+            out["torch-update"] = (lambda: ta.add_(tb), 12 * self.n)
+        return {k: v for k, v in out.items() if names is None or k in names}
+
+    def close(self):
+        for p in self._pools.values():
+            p.close()
+        self._pools = {}
+        self.a = self.b = self.ta = self.tb = None
+
+
+def bandwidth(probe, threads=(1, 2), repeats=5, log=None):
+    """Measure memory bandwidth (GB/s, 1e9 bytes/s) with ``probe`` per thread
+    count. ``bound`` is the best probe's median: the roof for "% of bound"
+    of cases that do not interleave their own probes (small ones)."""
+    from .peers import threads as limit_threads
+    out = {"n_elems": probe.n, "bytes_per_array": probe.a.nbytes, "by_threads": {}}
+    for t in threads:
+        res = {}
+        with limit_threads(t):
+            for name, (fn, nbytes) in probe.cases(t).items():
+                fn()  # warm-up
+                ts = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                gbs = [nbytes / x / 1e9 for x in ts]
+                res[name] = {"median_gbs": statistics.median(gbs), "max_gbs": max(gbs),
+                             "min_gbs": min(gbs), "bytes_per_elem": nbytes // probe.n}
+        best = max(res, key=lambda k: res[k]["median_gbs"])
+        res["bound_gbs"] = res[best]["median_gbs"]
+        res["bound_probe"] = best
+        out["by_threads"][t] = res
+        if log:
+            log(f"  bandwidth, {t} thread{'s' if t > 1 else ''}: " + ", ".join(
+                f"{k} {v['median_gbs']:.1f}" for k, v in res.items() if isinstance(v, dict))
+                + f" GB/s -> bound {res['bound_gbs']:.1f} GB/s ({best})")
+    return out
+
+
+def bound_for(bw, threads):
+    """The bandwidth bound (GB/s) for a thread count (nearest measured)."""
+    by = bw["by_threads"]
+    if threads in by:
+        return by[threads]["bound_gbs"]
+    keys = sorted(by)
+    best = min(keys, key=lambda k: abs(k - threads))
+    return by[best]["bound_gbs"]
+
+
+class CpuMeter:
+    """CPU time used by OTHER processes during a run (in CPUs, averaged): a
+    busy machine makes every number noisier, so the run records it."""
+
+    def __init__(self):
+        self.t0 = time.time()
+        self.s0 = self._stat()
+        self.own0 = self._own()
+
+    @staticmethod
+    def _stat():
+        txt = _read("/proc/stat") or ""
+        for line in txt.splitlines():
+            if line.startswith("cpu "):
+                f = [int(x) for x in line.split()[1:]]
+                idle = f[3] + (f[4] if len(f) > 4 else 0)
+                return sum(f[:8]) - idle  # busy jiffies
+        return None
+
+    @staticmethod
+    def _own():
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def others(self):
+        s1 = self._stat()
+        if s1 is None or self.s0 is None:
+            return None
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        busy = (s1 - self.s0) / hz
+        wall = max(1e-9, time.time() - self.t0)
+        return max(0.0, (busy - (self._own() - self.own0)) / wall)

@@ -11,12 +11,14 @@ import operator
 
 from . import _runtime
 
-# Each thread gets at least this many elements. Measured on the dev machine
-# (2 cores, fp32, AVX-512 module; `python -m bench --scenario threshold`):
-# 1 thread 5.1 us vs 2 threads 5.3 us at 8192 elements, 10.0 vs 8.8 us at
-# 16384, 19.6 vs 13.5 at 32768 -> two threads win from ~12K elements, so
-# 2 threads start at 2 * 8192. fp64 costs more per element and crosses earlier.
-SERIAL_THRESHOLD = 8192
+# Each thread gets at least this many elements (float32 Adam). Measured on
+# the dev machine (2 cores, AVX-512 module; `python -m bench --scenario
+# threshold`, idle machine): two threads win from ~11.6K float32 elements and
+# from ~2.0-2.4K float64 elements (fp64 costs ~3.5x more per element here,
+# divider-bound). So 2 threads start at 2 * 6144 float32 elements; float64
+# work is weighted by FP64_COST before the comparison.
+SERIAL_THRESHOLD = 6144
+FP64_COST = 4
 # Sparse kernels: below this many touched elements (rows * dim), one thread.
 SPARSE_SERIAL_THRESHOLD = 16384
 

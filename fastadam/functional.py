@@ -113,7 +113,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
     step = check_step(step)
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
     scaled, gs = check_grad_scale(grad_scale)
-    nt = _threads.resolve(n_threads, param.size)
+    nt = _threads.resolve(n_threads, param.size * (_threads.FP64_COST if dt is F64 else 1))
     nss, bc2s = adam_scalars(step, lr, b1, b2)
     if decoupled_weight_decay:
         decay, l2 = 1.0 - lr * wd, False
@@ -256,7 +256,7 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
         p_, sz, nss, bc2s = sel
         offsets = np.zeros(len(sz) + 1, dtype=np.int64)
         np.cumsum(sz, out=offsets[1:])
-        nt = _threads.resolve(nt_arg, int(offsets[-1]))
+        nt = _threads.resolve(nt_arg, int(offsets[-1]) * (_threads.FP64_COST if flag else 1))
         calls.append((_ADAM_MULTI[dt], (p_[0], p_[1], p_[2], p_[3],
                       p_[4] if vmaxs is not None else _EMPTY_I64, offsets, nss, bc2s,
                       -1.0 if maximize else 1.0, gs, decay, wd, 1.0 - b1, 1.0 - b2, b2,

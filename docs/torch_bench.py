@@ -1,4 +1,4 @@
-"""Torch-level optimizer step timings for docs/torch.md (issue 6, bullet 7).
+"""Torch-level optimizer step timings for the README section "PyTorch drop-ins" (issue 6, bullet 7).
 
 Times ``opt.step()`` -- the whole torch.optim.Optimizer machinery included
 (hooks, no_grad, param-group walk, state lookup, the update) -- of fastadam's

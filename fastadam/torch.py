@@ -196,7 +196,7 @@ class Adam(Optimizer):
     tensors. Parameters whose gradient is sparse (``nn.Embedding(sparse=True)``)
     are stepped with the lazy sparse path: only the rows present in the
     gradient change, with ``torch.optim.SparseAdam``'s arithmetic (see
-    ``docs/torch.md``), so one optimizer replaces torch's Adam + SparseAdam pair.
+    the README), so one optimizer replaces torch's Adam + SparseAdam pair.
 
     Supported: CPU float32/float64 (and complex64/complex128 as real pairs, as
     torch does); ``capturable`` and ``differentiable`` are not (ValueError);

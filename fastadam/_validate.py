@@ -155,3 +155,18 @@ def check_grad_scale(grad_scale):
     if not (gs > 0.0) or math.isinf(gs):
         raise ValueError(f"grad_scale must be a finite number > 0, got {gs}")
     return True, gs
+
+
+def to_scalar(x):
+    """A Python number from a number, numpy scalar or 0-d array/tensor."""
+    return x.item() if hasattr(x, "item") else x
+
+
+def to_numpy(x):
+    """An ndarray from an ndarray, a (CPU) torch tensor or any array-like (for
+    loading checkpoints; never on a hot path)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):  # torch tensor
+        return x.detach().cpu().numpy()
+    return np.asarray(x)

@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from . import functional as F
+from ._validate import to_numpy as _to_numpy, to_scalar
 
 _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
                "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
@@ -245,19 +246,10 @@ class AdamW(Adam):
 
 
 def _to_number(x):
-    if hasattr(x, "item"):
-        x = x.item()
+    x = to_scalar(x)
     if isinstance(x, float) and x.is_integer():
         return int(x)
     return x
-
-
-def _to_numpy(x):
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):  # torch tensor
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def save(state_dict, path):

@@ -16,7 +16,8 @@ import math
 import numpy as np
 
 from . import _dispatch, _runtime, _threads
-from ._validate import F32, F64, check_hyper, check_step, describe, float_array
+from ._validate import (F32, F64, check_hyper, check_step, describe, float_array,
+                        to_numpy as _to_numpy, to_scalar as _num)
 
 __all__ = ["sparse_adam_step", "SparseAdam", "sparse_adam_scalars"]
 
@@ -468,17 +469,3 @@ class SparseAdam:
             else:
                 ns[key] = np.array(arr, dtype=want_dt, order="C", copy=True)
         self.state = ns
-
-
-def _num(x):
-    if hasattr(x, "item"):
-        x = x.item()
-    return x
-
-
-def _to_numpy(x):
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):  # torch tensor
-        return x.detach().cpu().numpy()
-    return np.asarray(x)

@@ -6,6 +6,7 @@ precision, picks the float32/float64 kernel by a dict lookup and calls it
 once. Kernels live in the ISA module chosen at import (``fastadam._dispatch``).
 """
 import math
+import re
 
 import numpy as np
 
@@ -89,6 +90,16 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
     >>> p.round(6)
     array([0.9, 0.9, 0.9, 0.9], dtype=float32)
     """
+    kernel, args = _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps,
+                                weight_decay, decoupled_weight_decay, amsgrad, max_exp_avg_sq,
+                                maximize, grad_scale, n_threads)
+    kernel(*args)
+
+
+def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
+                 decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize, grad_scale,
+                 n_threads):
+    """Validate one buffer's step; return (kernel, args) without running it."""
     dt = float_array("param", param)
     float_array("grad", grad, dt, writable=False)
     float_array("exp_avg", exp_avg, dt)
@@ -119,9 +130,9 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
         decay, l2 = 1.0 - lr * wd, False
     else:
         decay, l2 = 1.0, wd != 0.0
-    _ADAM[dt](param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, nss, bc2s,
-              -1.0 if maximize else 1.0, gs, decay, wd, 1.0 - b1, 1.0 - b2, b2, eps,
-              l2, scaled, nt)
+    return _ADAM[dt], (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, nss, bc2s,
+                       -1.0 if maximize else 1.0, gs, decay, wd, 1.0 - b1, 1.0 - b2, b2, eps,
+                       l2, scaled, nt)
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
@@ -193,6 +204,24 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
     """
     params = _as_list("params", params)
     n = len(params)
+    if n == 1 and type(grads) is list and type(exp_avgs) is list and len(grads) == 1 \
+            and type(exp_avg_sqs) is list and len(exp_avgs) == 1 and len(exp_avg_sqs) == 1 \
+            and (not amsgrad or (type(max_exp_avg_sqs) is list and len(max_exp_avg_sqs) == 1)):
+        # one array: the single-buffer kernel, no pointer tables (per-call overhead)
+        s0 = steps[0] if isinstance(steps, (list, tuple)) and len(steps) == 1 else steps
+        names = ("params[0]", "grads[0]", "exp_avgs[0]", "exp_avg_sqs[0]", "max_exp_avg_sqs[0]")
+        try:
+            return [_plan_single(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], s0, lr,
+                                 betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
+                                 max_exp_avg_sqs[0] if amsgrad else None, maximize,
+                                 grad_scale, n_threads)]
+        except (TypeError, ValueError) as e:
+            msg = str(e)
+            for old, new in zip(("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                                names):
+                msg = re.sub(rf"\b{old}\b(?!\[)", new, msg)
+            msg = msg.replace("step must", "steps must")
+            raise type(e)(msg) from None
     grads = _as_list("grads", grads, n)
     exp_avgs = _as_list("exp_avgs", exp_avgs, n)
     exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs, n)

@@ -205,3 +205,33 @@ def test_overlap_detection_matches_brute_force(k):
             i, j = int(names[0][1:]), int(names[1].split()[0][1:])
             assert (entries[i][2] or entries[j][2]) and np.shares_memory(entries[i][1], entries[j][1])
         assert got == expect, trial
+
+
+@pytest.mark.parametrize("bad, frag", [("dtype", "exp_avgs[0]"), ("shape", "grads[0]"),
+                                       ("alias", "share memory"), ("step", "steps")])
+def test_single_entry_list_fast_path_names_list_entries(bad, frag):
+    """functional.adam with one array takes the single-buffer path: same checks, list names."""
+    p, g, m, v, vm = make_state(40, np.float32)
+    kw = {"steps": 1}
+    if bad == "dtype":
+        m = m.astype(np.float64)
+    elif bad == "shape":
+        g = g[:-1].copy()
+    elif bad == "alias":
+        v = p
+    elif bad == "step":
+        kw["steps"] = 0
+    before = copies([p, g, m, v])
+    with pytest.raises((TypeError, ValueError)) as info:
+        fa.functional.adam([p], [g], [m], [v], **kw)
+    assert frag in str(info.value)
+    assert_bitwise([p, g, m, v], before)
+
+
+def test_single_entry_list_equals_adam_step():
+    a = make_state(40, np.float64)
+    b = copies(a)
+    fa.functional.adam([a[0]], [a[1]], [a[2]], [a[3]], steps=[3], amsgrad=True,
+                       max_exp_avg_sqs=[a[4]], lr=0.1, weight_decay=0.1)
+    fa.adam_step(*b[:4], step=3, amsgrad=True, max_exp_avg_sq=b[4], lr=0.1, weight_decay=0.1)
+    assert_bitwise(a, b)

@@ -16,8 +16,12 @@ does not.
 """
 import math
 
-import torch
-from torch.optim.optimizer import Optimizer
+try:
+    import torch
+    from torch.optim.optimizer import Optimizer
+except ImportError as _e:  # torch is an optional extra
+    raise ImportError("fastadam.torch needs PyTorch (an optional extra): "
+                      "pip install torch  (or pip install 'fastadam[torch]')") from _e
 
 import fastadam as _fa
 

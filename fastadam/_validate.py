@@ -64,25 +64,6 @@ def no_overlap(names, arrays):
                          "each other or the gradient")
 
 
-def no_overlap_many(entries):
-    """``entries``: list of (name, array, is_output). Raise ValueError if an
-    output shares memory with any other entry (inputs may share with inputs).
-    O(n log n) (``fastadam._runtime.first_conflict``).
-    """
-    if len(entries) < 2:
-        return
-    arrays = [e[1] for e in entries]
-    lo = np.empty(len(arrays), dtype=np.int64)
-    _runtime.addresses(arrays, lo)
-    nbytes = np.fromiter((a.nbytes for a in arrays), dtype=np.int64, count=len(arrays))
-    out = np.fromiter((bool(e[2]) for e in entries), dtype=np.int8, count=len(arrays))
-    hit = _runtime.first_conflict(lo, nbytes, out)
-    if hit is not None:
-        i, j = hit
-        raise ValueError(f"{entries[i][0]} and {entries[j][0]} share memory; outputs must "
-                         "not alias each other or any gradient")
-
-
 def check_step(step, name="step"):
     """Return ``step`` as an int >= 1 (ints, integral floats and 0-d arrays accepted)."""
     if type(step) is int:

@@ -6,7 +6,6 @@ precision, picks the float32/float64 kernel by a dict lookup and calls it
 once. Kernels live in the ISA module chosen at import (``fastadam._dispatch``).
 """
 import math
-import re
 
 import numpy as np
 
@@ -21,7 +20,8 @@ _K = _dispatch.kernels
 _ADAM = {F32: _K.adam32, F64: _K.adam64}
 _ADAM_MULTI = {F32: _K.adam_multi32, F64: _K.adam_multi64}
 _SUMSQ = {F32: _K.sumsq_multi32, F64: _K.sumsq_multi64}
-_NAMES5 = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "grad")
+_SINGLE_NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+_LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 
 
@@ -98,30 +98,35 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
 
 def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
                  decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize, grad_scale,
-                 n_threads):
-    """Validate one buffer's step; return (kernel, args) without running it."""
-    dt = float_array("param", param)
-    float_array("grad", grad, dt, writable=False)
-    float_array("exp_avg", exp_avg, dt)
-    float_array("exp_avg_sq", exp_avg_sq, dt)
+                 n_threads, names=_SINGLE_NAMES):
+    """Validate one buffer's step; return (kernel, args) without running it.
+
+    ``names``: what messages call (param, grad, exp_avg, exp_avg_sq,
+    max_exp_avg_sq, step) -- list entries when called for a one-array list.
+    """
+    n_p, n_g, n_m, n_v, n_vm, n_step = names
+    dt = float_array(n_p, param)
+    float_array(n_g, grad, dt, writable=False)
+    float_array(n_m, exp_avg, dt)
+    float_array(n_v, exp_avg_sq, dt)
     shape = param.shape
     if grad.shape != shape:
-        same_shape("grad", grad, "param", param)
+        same_shape(n_g, grad, n_p, param)
     if exp_avg.shape != shape:
-        same_shape("exp_avg", exp_avg, "param", param)
+        same_shape(n_m, exp_avg, n_p, param)
     if exp_avg_sq.shape != shape:
-        same_shape("exp_avg_sq", exp_avg_sq, "param", param)
+        same_shape(n_v, exp_avg_sq, n_p, param)
     if amsgrad:
         if max_exp_avg_sq is None:
-            raise ValueError("amsgrad=True needs max_exp_avg_sq (a buffer like exp_avg_sq)")
-        float_array("max_exp_avg_sq", max_exp_avg_sq, dt)
+            raise ValueError(f"amsgrad=True needs {n_vm} (a buffer like {n_v})")
+        float_array(n_vm, max_exp_avg_sq, dt)
         if max_exp_avg_sq.shape != shape:
-            same_shape("max_exp_avg_sq", max_exp_avg_sq, "param", param)
+            same_shape(n_vm, max_exp_avg_sq, n_p, param)
     else:
         max_exp_avg_sq = None
     if _runtime.first_overlap((param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad)) is not None:
-        no_overlap(_NAMES5, (param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad))
-    step = check_step(step)
+        no_overlap((n_p, n_m, n_v, n_vm, n_g), (param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad))
+    step = check_step(step, n_step)
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
     scaled, gs = check_grad_scale(grad_scale)
     nt = _threads.resolve(n_threads, param.size * (_threads.FP64_COST if dt is F64 else 1))
@@ -196,12 +201,16 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.
 
 def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.999),
               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
-              max_exp_avg_sqs=None, maximize=False, grad_scale=None, n_threads=None):
+              max_exp_avg_sqs=None, maximize=False, grad_scale=None, n_threads=None,
+              labels=None):
     """Validate everything for :func:`adam` and return its kernel calls
     (``(kernel, args)`` pairs, one per dtype) without running them.
 
     Optimizers validate all their param groups this way before writing any.
+    ``labels[i]`` is the index that error messages give entry ``i`` (default
+    ``i``; an optimizer passes each parameter's index among all its grads).
     """
+    lab = (lambda i: i) if labels is None else labels.__getitem__
     params = _as_list("params", params)
     n = len(params)
     if n == 1 and type(grads) is list and type(exp_avgs) is list and len(grads) == 1 \
@@ -209,19 +218,11 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
             and (not amsgrad or (type(max_exp_avg_sqs) is list and len(max_exp_avg_sqs) == 1)):
         # one array: the single-buffer kernel, no pointer tables (per-call overhead)
         s0 = steps[0] if isinstance(steps, (list, tuple)) and len(steps) == 1 else steps
-        names = ("params[0]", "grads[0]", "exp_avgs[0]", "exp_avg_sqs[0]", "max_exp_avg_sqs[0]")
-        try:
-            return [_plan_single(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], s0, lr,
-                                 betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
-                                 max_exp_avg_sqs[0] if amsgrad else None, maximize,
-                                 grad_scale, n_threads)]
-        except (TypeError, ValueError) as e:
-            msg = str(e)
-            for old, new in zip(("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                                names):
-                msg = re.sub(rf"\b{old}\b(?!\[)", new, msg)
-            msg = msg.replace("step must", "steps must")
-            raise type(e)(msg) from None
+        names = tuple(f"{name}[{lab(0)}]" for name in _LIST_NAMES + ("steps",))
+        return [_plan_single(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], s0, lr, betas,
+                             eps, weight_decay, decoupled_weight_decay, amsgrad,
+                             max_exp_avg_sqs[0] if amsgrad else None, maximize, grad_scale,
+                             n_threads, names)]
     grads = _as_list("grads", grads, n)
     exp_avgs = _as_list("exp_avgs", exp_avgs, n)
     exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs, n)
@@ -234,7 +235,7 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
     if isinstance(steps, (list, tuple, np.ndarray)):
         if len(steps) != n:
             raise ValueError(f"steps must be one int or {n} ints (one per param), got {len(steps)}")
-        step_list = [check_step(s, f"steps[{i}]") for i, s in enumerate(steps)]
+        step_list = [check_step(s, f"steps[{lab(i)}]") for i, s in enumerate(steps)]
     else:
         step_list = [check_step(steps, "steps")] * n
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
@@ -245,7 +246,7 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
     is64 = np.empty(n, dtype=np.int8)
     bad = _runtime.scan_lists(params, grads, exp_avgs, exp_avg_sqs, vmaxs, ptrs, sizes, is64)
     if bad >= 0:
-        _explain_entry(lists, bad)
+        _explain_entry(lists, bad, lab(bad))
     nl = len(lists)
     itemsize = np.where(is64 != 0, 8, 4)
     nbytes = np.empty(nl * n, dtype=np.int64)
@@ -254,7 +255,7 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
     is_out[n:2 * n] = 0  # grads are only read
     hit = _runtime.first_conflict(ptrs[:nl].ravel(), nbytes, is_out)
     if hit is not None:
-        a, b = (f"{_LIST_NAMES[k // n]}[{k % n}]" for k in hit)
+        a, b = (f"{_LIST_NAMES[k // n]}[{lab(k % n)}]" for k in hit)
         raise ValueError(f"{a} and {b} share memory; outputs must not alias each other "
                          "or any gradient")
     nt_arg = n_threads
@@ -293,18 +294,17 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
     return calls
 
 
-_LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
-
-def _explain_entry(lists, i):
-    """Raise the precise error for entry ``i`` that the native scan rejected."""
+def _explain_entry(lists, i, label):
+    """Raise the precise error for entry ``i`` (named ``label``) that the native
+    scan rejected."""
     p = lists[0][i]
-    dt = float_array(f"params[{i}]", p)
+    dt = float_array(f"params[{label}]", p)
     for j in range(1, len(lists)):
-        name = f"{_LIST_NAMES[j]}[{i}]"
+        name = f"{_LIST_NAMES[j]}[{label}]"
         float_array(name, lists[j][i], dt, writable=j != 1)
-        same_shape(name, lists[j][i], f"params[{i}]", p)
-    raise ValueError(f"params[{i}]: invalid entry")  # pragma: no cover - scan and checks agree
+        same_shape(name, lists[j][i], f"params[{label}]", p)
+    raise ValueError(f"params[{label}]: invalid entry")  # pragma: no cover - scan and checks agree
 
 
 def adamw(params, grads, exp_avgs, exp_avg_sqs, *, steps, weight_decay=1e-2, **kwargs):

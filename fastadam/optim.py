@@ -122,27 +122,25 @@ class Adam:
         k = 0
         for group in self.param_groups:
             ps = group["params"]
-            gs = grads[k:k + len(ps)]
-            k += len(ps)
+            base, k = k, k + len(ps)
+            gs = grads[base:k]
             pairs = [(p, g) for p, g in zip(ps, gs) if g is not None]
+            labels = [base + i for i, g in enumerate(gs) if g is not None]
             if not pairs:
                 continue
             ams = group["amsgrad"]
             sts = [self.state.get(id(p)) or self._init_state(p, ams) for p, _ in pairs]
             steps = [st["step"] + 1 for st in sts]
-            try:
-                calls = F.plan_adam(
-                    [p for p, _ in pairs], [g for _, g in pairs],
-                    [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
-                    steps=steps, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=ams,
-                    max_exp_avg_sqs=[self._vmax(st, p) for st, (p, _) in zip(sts, pairs)]
-                    if ams else None,
-                    maximize=group["maximize"], grad_scale=grad_scale,
-                    n_threads=self.n_threads)
-            except (TypeError, ValueError) as e:
-                raise type(e)(self._rename(str(e), group, grads)) from None
+            calls = F.plan_adam(
+                [p for p, _ in pairs], [g for _, g in pairs],
+                [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
+                steps=steps, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=ams,
+                max_exp_avg_sqs=[self._vmax(st, p) for st, (p, _) in zip(sts, pairs)]
+                if ams else None,
+                maximize=group["maximize"], grad_scale=grad_scale,
+                n_threads=self.n_threads, labels=labels)
             plans.append((calls, pairs, sts, steps))
         for calls, pairs, sts, steps in plans:
             for kernel, args in calls:
@@ -156,19 +154,6 @@ class Adam:
         if "max_exp_avg_sq" not in st:
             st["max_exp_avg_sq"] = np.zeros_like(p)
         return st["max_exp_avg_sq"]
-
-    def _rename(self, msg, group, grads):
-        """Map 'grads[i]' of a group's call to the index in the optimizer's grads."""
-        import re
-        base = 0
-        for g in self.param_groups:
-            if g is group:
-                break
-            base += len(g["params"])
-        idx = [base + i for i, gr in enumerate(grads[base:base + len(group["params"])])
-               if gr is not None]
-        return re.sub(r"(grads|params)\[(\d+)\]",
-                      lambda m: f"{m.group(1)}[{idx[int(m.group(2))]}]", msg)
 
     def zero_grad(self):  # numpy grads are owned by the caller
         pass

@@ -236,3 +236,27 @@ def test_single_entry_list_equals_adam_step():
                        max_exp_avg_sqs=[a[4]], lr=0.1, weight_decay=0.1)
     fa.adam_step(*b[:4], step=3, amsgrad=True, max_exp_avg_sq=b[4], lr=0.1, weight_decay=0.1)
     assert_bitwise(a, b)
+
+
+def test_optimizer_rejection_in_a_later_group_writes_nothing():
+    """All groups are validated before any group is stepped; names are global indices."""
+    a, b, c = np.ones(5), np.ones(6), np.ones(7)
+    opt = fa.Adam([{"params": [a, b], "lr": 0.1}, {"params": [c], "lr": 0.2}], amsgrad=True)
+    opt.step([np.ones(5), np.ones(6), np.ones(7)])
+    before = copies([a, b, c])
+    sd_before = {i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+                 for i, st in opt.state_dict()["state"].items()}
+    with pytest.raises(ValueError, match=r"grads\[2\]"):
+        opt.step([np.ones(5), np.ones(6), np.ones(8)])
+    with pytest.raises(TypeError, match=r"grads\[2\]"):
+        opt.step([np.ones(5), None, np.ones(7, np.float32)])
+    assert_bitwise([a, b, c], before)
+    sd = opt.state_dict()["state"]
+    for i, st in sd_before.items():
+        assert sd[i]["step"] == st["step"] == 1
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert_bitwise([sd[i][k]], [st[k]])
+    fresh = fa.Adam([np.ones(3), np.ones(4)])
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        fresh.step([np.ones(3), np.ones(5)])
+    assert fresh.state_dict()["state"] == {}  # no state created by a rejected first step

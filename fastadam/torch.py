@@ -15,6 +15,7 @@ This is the only module of fastadam that imports torch; ``import fastadam``
 does not.
 """
 import math
+from collections import namedtuple
 
 try:
     import torch
@@ -31,6 +32,12 @@ __all__ = ["Adam", "AdamW", "SparseAdam"]
 
 _SUPPORTED = (torch.float32, torch.float64)
 _COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+# Validated zero-copy numpy views of a contiguous parameter and its state,
+# reused while the identity/layout fields still match (saves ~7 us per tensor).
+_Views = namedtuple("_Views", "m v vmax data_ptr stride dtype step p_np m_np v_np vmax_np "
+                              "amsgrad step_view")
 
 
 def _scalar_dtype():
@@ -308,21 +315,21 @@ class Adam(Optimizer):
             c = cache.get(p)
             if c is not None:
                 state = state_of.get(p)
-                if (state is not None and c[0] is state.get("exp_avg")
-                        and c[1] is state.get("exp_avg_sq")
-                        and c[11] is amsgrad
-                        and c[2] is (state.get("max_exp_avg_sq") if amsgrad else None)
-                        and c[3] == p.data_ptr() and c[4] == p.stride()
-                        and c[5] is p.dtype and c[6] is state.get("step")
+                if (state is not None and c.m is state.get("exp_avg")
+                        and c.v is state.get("exp_avg_sq")
+                        and c.amsgrad is amsgrad
+                        and c.vmax is (state.get("max_exp_avg_sq") if amsgrad else None)
+                        and c.data_ptr == p.data_ptr() and c.stride == p.stride()
+                        and c.dtype is p.dtype and c.step is state.get("step")
                         and g.layout is strided and g.dtype is p.dtype and g.is_cpu
                         and g.is_contiguous() and g.shape == p.shape):
-                    ps.append(c[7])
+                    ps.append(c.p_np)
                     gs.append((g.detach() if g.requires_grad else g).numpy())
-                    ms.append(c[8])
-                    vs.append(c[9])
+                    ms.append(c.m_np)
+                    vs.append(c.v_np)
                     if amsgrad:
-                        vmaxs.append(c[10])
-                    states.append(c[12])
+                        vmaxs.append(c.vmax_np)
+                    states.append(c.step_view)
                     tparams.append(p)
                     continue
                 del cache[p]
@@ -368,9 +375,10 @@ class Adam(Optimizer):
                 cvt = _np
                 if not p.is_complex():
                     views = [cvt(t) for t in tv]
-                    cache[p] = (sts[0], sts[1], sts[2] if amsgrad else None, p.data_ptr(),
-                                p.stride(), p.dtype, state["step"], cvt(p), views[0], views[1],
-                                views[2] if amsgrad else None, amsgrad, step_view)
+                    cache[p] = _Views(sts[0], sts[1], sts[2] if amsgrad else None,
+                                      p.data_ptr(), p.stride(), p.dtype, state["step"], cvt(p),
+                                      views[0], views[1], views[2] if amsgrad else None,
+                                      amsgrad, step_view)
             elif _is_dense(p):
                 # Permuted but gap-free (e.g. a transposed or channels_last weight):
                 # step the memory block in place; grad/state must share p's layout.

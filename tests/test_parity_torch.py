@@ -24,25 +24,35 @@ def _torch_opt(tp, opt, lr, **extra):
                maximize=mx, **extra)
 
 
+def _step_both(tp, topt, bufs, opt, lr, steps, seed, scale=None):
+    """Apply the same random gradients with torch (``topt``) and fastadam."""
+    wd, dec, ams, mx = opt
+    p, m, v, vm = bufs
+    rng = np.random.default_rng(seed)
+    for t in steps:
+        g = (rng.standard_normal(p.size) * (scale or 1.0)).astype(p.dtype)
+        tp.grad = torch.from_numpy(g.copy())
+        if scale is not None:
+            topt.grad_scale = torch.tensor(scale, dtype=torch.float32)
+            topt.found_inf = torch.tensor(0.0, dtype=torch.float32)
+        topt.step()
+        fa.adam_step(p, g, m, v, step=t, lr=lr, betas=(0.9, 0.99), eps=1e-6,
+                     weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams,
+                     max_exp_avg_sq=vm if ams else None, maximize=mx, grad_scale=scale)
+
+
 @pytest.mark.parametrize("opt", OPTIONS)
 @pytest.mark.parametrize("n", [16, 1024, 2**17])
 def test_bitwise_equal_to_torch_fused(dtype, n, opt):
     """Lengths a multiple of 16 (torch's own scalar tail does not run there)."""
-    wd, dec, ams, mx = opt
+    ams = opt[2]
     p, _, m, v, vm = make_state(n, dtype)
     m[...] = 0
     v[...] = 0
     vm[...] = 0
     tp = torch.from_numpy(p.copy())
     topt = _torch_opt(tp, opt, 1e-2, fused=True)
-    rng = np.random.default_rng(7)
-    for t in range(1, 21):
-        g = rng.standard_normal(n).astype(dtype)
-        tp.grad = torch.from_numpy(g.copy())
-        topt.step()
-        fa.adam_step(p, g, m, v, step=t, lr=1e-2, betas=(0.9, 0.99), eps=1e-6,
-                     weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams,
-                     max_exp_avg_sq=vm if ams else None, maximize=mx)
+    _step_both(tp, topt, (p, m, v, vm), opt, 1e-2, range(1, 21), seed=7)
     st = topt.state[tp]
     assert_bitwise([p, m, v], [tp.numpy(), st["exp_avg"].numpy(), st["exp_avg_sq"].numpy()],
                    "fastadam vs torch fused")
@@ -53,23 +63,12 @@ def test_bitwise_equal_to_torch_fused(dtype, n, opt):
 @pytest.mark.parametrize("opt", OPTIONS)
 def test_grad_scale_bitwise_equal_to_torch_fused(dtype, opt):
     """torch fused divides grads by grad_scale inside the kernel, as fastadam does."""
-    wd, dec, ams, mx = opt
     n = 4096
     p = make_state(n, dtype)[0]
     m, v, vm = np.zeros(n, dtype), np.zeros(n, dtype), np.zeros(n, dtype)
     tp = torch.from_numpy(p.copy())
     topt = _torch_opt(tp, opt, 1e-2, fused=True)
-    scale = 1024.0
-    rng = np.random.default_rng(3)
-    for t in range(1, 6):
-        g = (rng.standard_normal(n) * scale).astype(dtype)
-        tp.grad = torch.from_numpy(g.copy())
-        topt.grad_scale = torch.tensor(scale, dtype=torch.float32)
-        topt.found_inf = torch.tensor(0.0, dtype=torch.float32)
-        topt.step()
-        fa.adam_step(p, g, m, v, step=t, lr=1e-2, betas=(0.9, 0.99), eps=1e-6,
-                     weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams,
-                     max_exp_avg_sq=vm if ams else None, maximize=mx, grad_scale=scale)
+    _step_both(tp, topt, (p, m, v, vm), opt, 1e-2, range(1, 6), seed=3, scale=1024.0)
     assert_bitwise([p], [tp.numpy()])
 
 
@@ -122,7 +121,7 @@ def test_torch_state_dict_loads_into_fastadam():
 @pytest.mark.parametrize("opt", OPTIONS)
 def test_bitwise_equal_to_torch_fused_late_in_training(dtype, opt):
     """Steps past ~17K (fp32) / ~37K (fp64), where sqrt(bias_correction2) rounds to 1."""
-    wd, dec, ams, mx = opt
+    ams = opt[2]
     n = 1024
     p, _, m, v, vm = make_state(n, dtype)
     vm = np.maximum(vm, v)
@@ -138,12 +137,5 @@ def test_bitwise_equal_to_torch_fused_late_in_training(dtype, opt):
         st["max_exp_avg_sq"].copy_(torch.from_numpy(vm))
     start = 50_000
     st["step"].fill_(start)
-    rng = np.random.default_rng(9)
-    for t in range(start + 1, start + 4):
-        g = rng.standard_normal(n).astype(dtype)
-        tp.grad = torch.from_numpy(g.copy())
-        topt.step()
-        fa.adam_step(p, g, m, v, step=t, lr=1e-3, betas=(0.9, 0.99), eps=1e-6,
-                     weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams,
-                     max_exp_avg_sq=vm if ams else None, maximize=mx)
+    _step_both(tp, topt, (p, m, v, vm), opt, 1e-3, range(start + 1, start + 4), seed=9)
     assert_bitwise([p, m, v], [tp.numpy(), st["exp_avg"].numpy(), st["exp_avg_sq"].numpy()])

@@ -7,6 +7,10 @@ import numpy.typing as npt
 ISA: str
 OPENMP: bool
 
+def div_bc32(x: npt.NDArray[np.float32], out: npt.NDArray[np.float32],
+             c: float) -> None: ...
+def div_bc64(x: npt.NDArray[np.float64], out: npt.NDArray[np.float64],
+             c: float) -> None: ...
 def adam32(param: npt.NDArray[np.float32], grad: npt.NDArray[np.float32],
            exp_avg: npt.NDArray[np.float32], exp_avg_sq: npt.NDArray[np.float32],
            max_exp_avg_sq: npt.NDArray[np.float32] | None, neg_step_size: float,

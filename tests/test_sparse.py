@@ -45,7 +45,7 @@ def test_matches_oracle_bitwise(dtype, n_threads, option, dim):
     opts, rowwise, ams, rstep = OPTIONS[option]
     ams = ams or opts.get("amsgrad", False)
     opts = dict(opts, amsgrad=ams)
-    n_rows, k = 400, 700          # many duplicates; dims 17, 64: k * dim >= 8192, one partition per thread
+    n_rows, k = 400, 700          # many duplicates; dim 64: 2 threads, one hash partition each
     bufs = make_sparse_state(n_rows, dim, dtype, rowwise=rowwise, amsgrad=ams, row_step=rstep)
     want = copies(bufs)
     for step in (1, 2, 7):

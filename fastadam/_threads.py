@@ -13,11 +13,12 @@ from . import _runtime
 
 # Each thread gets at least this many elements (float32 Adam). Measured on
 # the dev machine (2 cores, AVX-512 module; `python -m bench --scenario
-# threshold`, idle machine): two threads win from ~11.6K float32 elements and
-# from ~2.0-2.4K float64 elements (fp64 costs ~3.5x more per element here,
-# divider-bound). So 2 threads start at 2 * 6144 float32 elements; float64
+# threshold`, idle machine, 2026-11-21, after the division by sqrt(bc2) left
+# the divider): two threads win from 8,192 float32 elements and from ~2,048
+# float64 elements (in two runs; fp64 costs ~3-4x more per element here,
+# divider-bound). So 2 threads start at 2 * 4096 float32 elements; float64
 # work is weighted by FP64_COST before the comparison.
-SERIAL_THRESHOLD = 6144
+SERIAL_THRESHOLD = 4096
 FP64_COST = 4
 # Sparse kernels: below this many touched elements (rows * dim), one thread.
 SPARSE_SERIAL_THRESHOLD = 16384

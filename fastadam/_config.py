@@ -32,6 +32,7 @@ def config():
         "isa_built": _dispatch.built_modules(),
         "isa_available": _dispatch.available_modules(),
         "openmp": _runtime.have_openmp() and bool(getattr(_dispatch.kernels, "OPENMP", False)),
+        "fast_div": bool(getattr(_dispatch.kernels, "FAST_DIV", False)),
         "threads": _threads.get_num_threads(),
         "serial_threshold": _threads.SERIAL_THRESHOLD,
         "common_flags": info.get("common_flags"),
@@ -72,6 +73,7 @@ def show_config(file=None):
         f"modules built:   {', '.join(c['isa_built'])}",
         f"usable here:     {', '.join(c['isa_available'])}",
         f"openmp:          {'on' if c['openmp'] else 'off (serial build)'}",
+        f"x / sqrt(bc2):   {'FMA units (hardware fma)' if c['fast_div'] else 'true division'}",
         f"threads:         {c['threads']} (serial below {c['serial_threshold']} elements per thread)",
         f"compile flags:   {' '.join(c['common_flags'] or [])}",
     ]

@@ -6,6 +6,7 @@ import numpy.typing as npt
 
 ISA: str
 OPENMP: bool
+FAST_DIV: bool
 
 def div_bc32(x: npt.NDArray[np.float32], out: npt.NDArray[np.float32],
              c: float) -> None: ...

@@ -121,6 +121,18 @@ def test_every_isa_module_exports_the_same_api():
         assert name in first
 
 
+def test_vector_modules_divide_by_bc2_sqrt_on_the_fma_units():
+    """AVX2/AVX-512 builds have hardware fma, so ``x / bc2s`` leaves the divider;
+    the x86-64 baseline (fma is a libm call there) keeps the true division."""
+    import platform
+    for isa in importable_isas():
+        K = isa_module(isa)
+        if isa in ("avx2", "avx512", "native"):
+            assert K.FAST_DIV is True, isa
+        elif isa == "baseline" and platform.machine() in ("x86_64", "AMD64"):
+            assert K.FAST_DIV is False, isa
+
+
 @pytest.mark.parametrize("isa", importable_isas())
 def test_forcing_each_isa_works(isa):
     code = ("import fastadam as fa, numpy as np\n"

@@ -26,14 +26,7 @@ import fastadam
 import fastadam.functional
 from fastadam import torch as fat
 
-
-def gpt2_shapes(vocab=50257, ctx=1024, d=768, layers=12):
-    shapes = [(vocab, d), (ctx, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
-                   (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    shapes += [(d,), (d,)]
-    return shapes
+from bench.scenarios import gpt2_small_shapes  # the suite's GPT-2 small parameter shapes
 
 
 def make_dense(shapes, cls, **kw):
@@ -226,7 +219,7 @@ def main():
     if a.what in ("tiny", "all"):
         out["tiny"] = bench_dense([(16,)] * 148, a.repeats or 200, "overhead (tiny tensors)")
     if a.what in ("gpt2", "all"):
-        out["gpt2"] = bench_dense(gpt2_shapes(), a.repeats or 9, "GPT-2 small")
+        out["gpt2"] = bench_dense(gpt2_small_shapes(), a.repeats or 9, "GPT-2 small")
     if a.what in ("sparse", "all"):
         out["sparse"] = bench_sparse(a.repeats or 30)
     if a.what in ("mixed", "all"):

@@ -87,31 +87,28 @@ def make_bag_data(seed=2, n=16):
     return torch.randint(0, 50, (n, 6), generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
-def train_single_mixed(steps, lr=1e-2):
+def _train(model, x, y, steps, lr, weight_decay):
+    """Step fastadam.torch.AdamW ``steps`` times on the whole batch; final parameters."""
     import torch
     from fastadam.torch import AdamW
-    model = make_bag()
-    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    ids, y = make_bag_data()
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(ids), y).backward()
-        opt.step()
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def train_single(steps, lr=1e-2):
-    """Reference: one process, the whole batch, fastadam.torch.AdamW."""
-    import torch
-    from fastadam.torch import AdamW
-    model = make_mlp()
-    opt = AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    x, y = make_data()
+    opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return [p.detach().clone() for p in model.parameters()]
+
+
+def train_single_mixed(steps, lr=1e-2):
+    """Reference for the bag model (sparse embedding + dense head), one process."""
+    ids, y = make_bag_data()
+    return _train(make_bag(), ids, y, steps, lr, weight_decay=0.0)
+
+
+def train_single(steps, lr=1e-2):
+    """Reference: one process, the whole batch, fastadam.torch.AdamW."""
+    x, y = make_data()
+    return _train(make_mlp(), x, y, steps, lr, weight_decay=0.1)
 
 
 def _train_ddp(model, opt, x, y, steps):

@@ -116,6 +116,28 @@ def test_duplicates_summed_in_batch_order(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("option", ["torch", "rowwise_ams_l2_max"])
+def test_repeated_rows_in_several_accumulator_blocks(dtype, n_threads, option):
+    """Wide rows: the merged rows of repeated ids are summed and updated in
+    blocks of 1 MiB of accumulator rows per partition (32 float32 / 16 float64
+    rows of 8192 here); 160 repeated rows take several blocks per partition."""
+    opts, rowwise, ams, rstep = OPTIONS[option]
+    ams = ams or opts.get("amsgrad", False)
+    opts = dict(opts, amsgrad=ams)
+    n_rows, dim = 200, 8192
+    assert (1 << 20) // (dim * np.dtype(dtype).itemsize) * 2 * n_threads < 160
+    rng = np.random.default_rng(11)
+    idx = rng.permutation(np.concatenate([np.repeat(np.arange(160), 3), np.arange(160, 190)]))
+    g = rng.standard_normal((idx.size, dim)).astype(dtype)
+    bufs = make_sparse_state(n_rows, dim, dtype, rowwise=rowwise, amsgrad=ams, row_step=rstep)
+    want = copies(bufs)
+    _run(fa.sparse_adam_step, bufs, idx, g, opts, step=4, n_threads=n_threads)
+    _run(R.sparse_adam, want, idx, g, opts, step=4)
+    assert_bitwise(bufs, want, f"{option} blocks")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_threads", THREADS)
 def test_touch_every_row_once_equals_dense_step(dtype, n_threads):
     """A batch with every row once (any order) is the dense step of the sparse semantics."""
     n_rows, dim = 257, 19

@@ -38,6 +38,8 @@ _COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 # reused while the identity/layout fields still match (saves ~7 us per tensor).
 _Views = namedtuple("_Views", "m v vmax data_ptr stride dtype step p_np m_np v_np vmax_np "
                               "amsgrad step_view")
+# The same for SparseAdam: the (rows, row width) table view and its state's.
+_SViews = namedtuple("_SViews", "m v data_ptr dtype shape table_np m_np v_np")
 
 
 def _scalar_dtype():
@@ -520,6 +522,7 @@ class SparseAdam(Optimizer):
         if not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         self.n_threads = n_threads
+        self._fa_views = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
         super().__init__(params, defaults)
         sparse_params = []
@@ -548,6 +551,11 @@ class SparseAdam(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("n_threads", None)
+        self._fa_views = {}
+
+    def load_state_dict(self, state_dict):
+        self._fa_views = {}  # drop views of the replaced state tensors
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -557,11 +565,36 @@ class SparseAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = []
+        cache = self._fa_views
+        state_of = self.state
+        coo = torch.sparse_coo
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
+                # Fast path: p stepped before, same state tensors, same memory, a
+                # COO gradient over the first dimension (nn.Embedding's): reuse the
+                # validated numpy views; only the gradient is viewed afresh. Every
+                # torch call counts here: the kernel leaves the caches cold.
+                c = cache.get(p)
+                if c is not None:
+                    state = state_of.get(p)
+                    if (state is not None and c.m is state.get("exp_avg")
+                            and c.v is state.get("exp_avg_sq")
+                            and c.data_ptr == p.data_ptr() and c.dtype is p.dtype
+                            and c.shape == p.shape and g.layout is coo and g.dtype is p.dtype
+                            and g.is_cpu and g.sparse_dim() == 1 and g.shape == p.shape):
+                        ix = g._indices()
+                        vals = g._values()
+                        if ix.is_contiguous() and vals.is_contiguous():
+                            if vals.requires_grad:
+                                vals = vals.detach()
+                            vals = vals.numpy().reshape(vals.shape[0], c.table_np.shape[1])
+                            work.append((group, state, (c.table_np, ix.numpy()[0], vals,
+                                                        c.m_np, c.v_np), p))
+                            continue
+                    del cache[p]
                 where = f"parameter {i} of param group {gi}"
                 if not g.is_sparse:
                     raise RuntimeError("SparseAdam does not support dense gradients, please "
@@ -570,7 +603,7 @@ class SparseAdam(Optimizer):
                 if g.device.type != "cpu":
                     raise ValueError(f"SparseAdam: the gradient of {where} is on device "
                                      f"'{g.device}'; fastadam steps CPU tensors only")
-                ops = _sparse_operands("SparseAdam", p, g, where)
+                table, ids, vals = _sparse_operands("SparseAdam", p, g, where)
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0
@@ -584,18 +617,21 @@ class SparseAdam(Optimizer):
                         if t.shape != p.shape:
                             raise ValueError(f"SparseAdam: state '{k}' of {where} has shape "
                                              f"{tuple(t.shape)}, expected {tuple(p.shape)}")
-                work.append((group, state, ops, p))
+                views = (table.numpy(), ids.numpy(), vals.detach().numpy(),
+                         state["exp_avg"].view(table.shape).numpy(),
+                         state["exp_avg_sq"].view(table.shape).numpy())
+                if g.sparse_dim() == 1:
+                    cache[p] = _SViews(state["exp_avg"], state["exp_avg_sq"], p.data_ptr(),
+                                       p.dtype, p.shape, views[0], views[3], views[4])
+                work.append((group, state, views, p))
         if work:
             kernel = _sparse_kernel("SparseAdam")
-        for group, state, (table, ids, vals), _ in work:
+        for group, state, (table, ids, vals, m, v), _ in work:
             step = int(state["step"]) + 1
             b1, b2 = group["betas"]
-            kernel(table.numpy(), ids.numpy(), vals.detach().numpy(),
-                   state["exp_avg"].view(table.shape).numpy(),
-                   state["exp_avg_sq"].view(table.shape).numpy(),
-                   step=step, lr=_num(group["lr"]), betas=(_num(b1), _num(b2)),
-                   eps=group["eps"], maximize=group.get("maximize", False),
-                   n_threads=self.n_threads)
+            kernel(table, ids, vals, m, v, step=step, lr=_num(group["lr"]),
+                   betas=(_num(b1), _num(b2)), eps=group["eps"],
+                   maximize=group.get("maximize", False), n_threads=self.n_threads)
             state["step"] = step
         _bump_versions([p for _, _, _, p in work])
         return loss

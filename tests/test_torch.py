@@ -668,6 +668,40 @@ def test_cached_views_follow_changes_between_steps():
         _assert_bitwise(a, b)
 
 
+def test_sparse_cached_views_follow_changes_between_steps(sparse_kernel):
+    """SparseAdam reuses its numpy views from the second step on; replacing
+    p.data or a state tensor, load_state_dict, a gradient of another kind
+    (hybrid sparse, then dense dims flattened) all take effect."""
+    torch.manual_seed(1)
+    ea = torch.nn.Embedding(40, 8, sparse=True)
+    eb = copy.deepcopy(ea)
+    oa = fat.SparseAdam(ea.parameters(), lr=1e-2)
+    ob = torch.optim.SparseAdam(eb.parameters(), lr=1e-2)
+    for s in range(9):
+        ids = torch.randint(0, 40, (25,))
+        w = torch.randn(25, 8)
+        if s == 3:
+            new = torch.randn(40, 8)
+            ea.weight.data = new.clone()
+            eb.weight.data = new.clone()
+        if s == 4:
+            for o, e in ((oa, ea), (ob, eb)):
+                o.state[e.weight]["exp_avg"] = torch.full((40, 8), 0.01)
+        if s == 5:
+            oa.load_state_dict(_roundtrip(ob.state_dict()))
+        for e, o in ((ea, oa), (eb, ob)):
+            o.zero_grad()
+            (e(ids) * w).sum().backward()
+            if s == 6:   # the same rows as a coalesced gradient built by hand
+                e.weight.grad = e.weight.grad.coalesce()
+            o.step()
+        torch.testing.assert_close(ea.weight, eb.weight, rtol=1e-6, atol=1e-7)
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(oa.state[ea.weight][k], ob.state[eb.weight][k],
+                                       rtol=1e-5, atol=1e-7)
+    assert oa.state[ea.weight]["step"] == ob.state[eb.weight]["step"] == 9
+
+
 def test_amsgrad_switched_on_later_creates_its_state():
     p = torch.nn.Parameter(torch.randn(16))
     opt = fat.Adam([p], lr=1e-2)

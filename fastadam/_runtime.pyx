@@ -134,6 +134,44 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
+def sparse_scan(object table, object indices, object grad_rows, object exp_avg,
+                object exp_avg_sq):
+    """Fast path of ``sparse_adam_step``'s validation (elementwise second
+    moment): 0 (float32) or 1 (float64) when every buffer is fine, else -1 and
+    the caller explains the problem with the Python checks.
+
+    Fine: ndarrays; ``table`` native float32/float64, 2-D, C-contiguous and
+    writable; ``exp_avg``/``exp_avg_sq`` the same and of its shape;
+    ``grad_rows`` (len(indices), dim) of its dtype, C-contiguous; ``indices``
+    native int32/int64, 1-D, C-contiguous; no two of them share memory.
+    """
+    cdef cnp.ndarray t, ix, g, m, v
+    cdef int typenum, it
+    if not (cnp.PyArray_Check(table) and cnp.PyArray_Check(indices)
+            and cnp.PyArray_Check(grad_rows) and cnp.PyArray_Check(exp_avg)
+            and cnp.PyArray_Check(exp_avg_sq)):
+        return -1
+    t, ix, g = <cnp.ndarray>table, <cnp.ndarray>indices, <cnp.ndarray>grad_rows
+    m, v = <cnp.ndarray>exp_avg, <cnp.ndarray>exp_avg_sq
+    typenum = cnp.PyArray_TYPE(t)
+    if (typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64) or cnp.PyArray_NDIM(t) != 2:
+        return -1
+    if not (_ok_float(t, typenum, True) and _ok_float(m, typenum, True)
+            and _ok_float(v, typenum, True) and _ok_float(g, typenum, False)
+            and _same_shape(m, t) and _same_shape(v, t)):
+        return -1
+    it = cnp.PyArray_TYPE(ix)
+    if ((it != cnp.NPY_INT32 and it != cnp.NPY_INT64) or cnp.PyArray_NDIM(ix) != 1
+            or not cnp.PyArray_ISNOTSWAPPED(ix) or not cnp.PyArray_IS_C_CONTIGUOUS(ix)):
+        return -1
+    if (cnp.PyArray_NDIM(g) != 2 or cnp.PyArray_DIM(g, 0) != cnp.PyArray_DIM(ix, 0)
+            or cnp.PyArray_DIM(g, 1) != cnp.PyArray_DIM(t, 1)):
+        return -1
+    if first_overlap((t, m, v, g, ix)) is not None:
+        return -1
+    return 1 if typenum == cnp.NPY_FLOAT64 else 0
+
+
 def scan_lists(list params, list grads, list exp_avgs, list exp_avg_sqs, object vmaxs,
                int64_t[:, ::1] ptrs, int64_t[::1] sizes, signed char[::1] is64):
     """Fast path of the multi-array validation: returns -1 when every entry is

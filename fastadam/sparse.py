@@ -180,50 +180,62 @@ def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=Non
     >>> m[3]                                          # (1 - 0.9) * (1 + 1)
     array([0.2, 0.2], dtype=float32)
     """
-    dt = float_array("table", table)
-    if table.ndim != 2:
-        raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
-    n_rows, dim = table.shape
-    indices = _check_indices(indices, n_rows)
-    k = indices.shape[0]
-    float_array("grad_rows", grad_rows, dt, writable=False)
-    if grad_rows.shape != (k, dim):
-        raise ValueError(f"grad_rows must have shape (len(indices), dim) = ({k}, {dim}), "
-                         f"got {grad_rows.shape}")
-    float_array("exp_avg", exp_avg, dt)
-    if exp_avg.shape != table.shape:
-        raise ValueError(f"exp_avg must have the shape of table {table.shape}, got "
-                         f"{exp_avg.shape}")
-    float_array("exp_avg_sq", exp_avg_sq, dt)
-    if exp_avg_sq.shape == table.shape:
+    fast = -1
+    if not amsgrad and row_step is None:
+        # one native check of the usual call (elementwise, no extension); any
+        # problem is explained by the checks below
+        fast = _runtime.sparse_scan(table, indices, grad_rows, exp_avg, exp_avg_sq)
+    if fast >= 0:
+        dt = F64 if fast else F32
+        n_rows, dim = table.shape
+        k = indices.shape[0]
         rowwise = False
-    elif exp_avg_sq.shape == (n_rows,):
-        rowwise = True
-    else:
-        raise ValueError(f"exp_avg_sq must have shape {table.shape} (elementwise) or "
-                         f"({n_rows},) (row-wise), got {exp_avg_sq.shape}")
-    if amsgrad:
-        if max_exp_avg_sq is None:
-            raise ValueError("amsgrad=True needs max_exp_avg_sq (a buffer like exp_avg_sq)")
-        float_array("max_exp_avg_sq", max_exp_avg_sq, dt)
-        if max_exp_avg_sq.shape != exp_avg_sq.shape:
-            raise ValueError(f"max_exp_avg_sq must have the shape of exp_avg_sq "
-                             f"{exp_avg_sq.shape}, got {max_exp_avg_sq.shape}")
-    else:
         max_exp_avg_sq = None
-    if row_step is not None:
-        _check_row_step(row_step, n_rows)
-    outs = (table, exp_avg, exp_avg_sq, max_exp_avg_sq, row_step)
-    hit = _runtime.first_overlap(outs + (grad_rows,))
-    if hit is None:
-        hit = _runtime.first_overlap(outs + (indices,))
-        names = _OUT_NAMES + ("indices",)
     else:
-        names = _OUT_NAMES + ("grad_rows",)
-    if hit is not None:
-        i, j = hit
-        raise ValueError(f"{names[i]} and {names[j]} share memory; outputs must not alias "
-                         "each other or the inputs")
+        dt = float_array("table", table)
+        if table.ndim != 2:
+            raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
+        n_rows, dim = table.shape
+        indices = _check_indices(indices, n_rows)
+        k = indices.shape[0]
+        float_array("grad_rows", grad_rows, dt, writable=False)
+        if grad_rows.shape != (k, dim):
+            raise ValueError(f"grad_rows must have shape (len(indices), dim) = ({k}, {dim}), "
+                             f"got {grad_rows.shape}")
+        float_array("exp_avg", exp_avg, dt)
+        if exp_avg.shape != table.shape:
+            raise ValueError(f"exp_avg must have the shape of table {table.shape}, got "
+                             f"{exp_avg.shape}")
+        float_array("exp_avg_sq", exp_avg_sq, dt)
+        if exp_avg_sq.shape == table.shape:
+            rowwise = False
+        elif exp_avg_sq.shape == (n_rows,):
+            rowwise = True
+        else:
+            raise ValueError(f"exp_avg_sq must have shape {table.shape} (elementwise) or "
+                             f"({n_rows},) (row-wise), got {exp_avg_sq.shape}")
+        if amsgrad:
+            if max_exp_avg_sq is None:
+                raise ValueError("amsgrad=True needs max_exp_avg_sq (a buffer like exp_avg_sq)")
+            float_array("max_exp_avg_sq", max_exp_avg_sq, dt)
+            if max_exp_avg_sq.shape != exp_avg_sq.shape:
+                raise ValueError(f"max_exp_avg_sq must have the shape of exp_avg_sq "
+                                 f"{exp_avg_sq.shape}, got {max_exp_avg_sq.shape}")
+        else:
+            max_exp_avg_sq = None
+        if row_step is not None:
+            _check_row_step(row_step, n_rows)
+        outs = (table, exp_avg, exp_avg_sq, max_exp_avg_sq, row_step)
+        hit = _runtime.first_overlap(outs + (grad_rows,))
+        if hit is None:
+            hit = _runtime.first_overlap(outs + (indices,))
+            names = _OUT_NAMES + ("indices",)
+        else:
+            names = _OUT_NAMES + ("grad_rows",)
+        if hit is not None:
+            i, j = hit
+            raise ValueError(f"{names[i]} and {names[j]} share memory; outputs must not alias "
+                             "each other or the inputs")
     if step is None:
         if row_step is None:
             raise TypeError("sparse_adam_step() needs step= (the 1-based count of the update "

@@ -291,15 +291,23 @@ def _bad_cases(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bad_input_leaves_every_buffer_unchanged(dtype):
+@pytest.mark.parametrize("extensions", [True, False])
+def test_bad_input_leaves_every_buffer_unchanged(dtype, extensions):
+    """extensions=False: the usual call (no amsgrad, no row_step), which takes
+    the native validation fast path; every rejection must still be explained."""
     n_rows, dim, k = 40, 6, 12
     for name, exc, frag, mutate in _bad_cases(dtype):
+        if not extensions and ("row_step" in name or "max_exp_avg_sq" in name
+                               or "amsgrad" in name):
+            continue
         table, m, v, vm, rs = make_sparse_state(n_rows, dim, dtype, amsgrad=True,
                                                 row_step=True)
         idx, g = make_batch(n_rows, dim, k, dtype)
         kw = dict(table=table, indices=idx, grad_rows=g, exp_avg=m, exp_avg_sq=v,
                   max_exp_avg_sq=vm, row_step=rs, step=3, amsgrad=True, n_threads=2)
         mutate(kw)
+        if not extensions:
+            kw.update(amsgrad=False, max_exp_avg_sq=None, row_step=None)
         watched = [kw[key] for key in ("table", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
                                        "row_step", "grad_rows", "indices")
                    if isinstance(kw.get(key), np.ndarray)]
@@ -311,6 +319,32 @@ def test_bad_input_leaves_every_buffer_unchanged(dtype):
             fa.sparse_adam_step(*args, **kw)
         assert frag in str(info.value), f"{name}: {info.value}"
         assert_bitwise(watched, before, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_validation_fast_path(dtype):
+    """_runtime.sparse_scan accepts exactly the usual well-formed call (0: float32,
+    1: float64) and hands everything else to the Python checks (-1)."""
+    from fastadam import _runtime
+    table, m, v, _, _ = make_sparse_state(40, 6, dtype)
+    idx, g = make_batch(40, 6, 12, dtype)
+    want = 0 if dtype == np.float32 else 1
+    assert _runtime.sparse_scan(table, idx, g, m, v) == want
+    assert _runtime.sparse_scan(table, idx.astype(np.int32), g, m, v) == want
+    gro = g.copy()
+    gro.flags.writeable = False
+    assert _runtime.sparse_scan(table, idx, gro, m, v) == want      # inputs may be read-only
+    ro = m.copy()
+    ro.flags.writeable = False
+    other = np.float64 if dtype == np.float32 else np.float32
+    bad = [(table[:, :5], idx, g[:, :5], m[:, :5], v[:, :5]),        # non-contiguous rows
+           (table, idx, g, ro, v), (table, idx, g, m, v[:, 0].copy()),
+           (table, idx, g[:-1], m, v), (table, idx.astype(np.uint32), g, m, v),
+           (table, idx.astype(">i8"), g, m, v), (table, idx, g.astype(other), m, v),
+           (table, idx, g, table, v), (table, idx, m[:12], m, v), (table, list(idx), g, m, v),
+           (table.ravel(), idx, g, m.ravel(), v.ravel())]
+    for args in bad:
+        assert _runtime.sparse_scan(*args) == -1
 
 
 def test_index_error_names_first_bad_id_and_position():

@@ -71,6 +71,61 @@ def _check_row_step(row_step, n_rows):
         raise ValueError("row_step is read-only; it is updated in place and must be writable")
 
 
+def _check_arrays(table, indices, grad_rows, exp_avg, exp_avg_sq, amsgrad, max_exp_avg_sq,
+                  row_step):
+    """The buffer checks of :func:`sparse_adam_step`, each with its message.
+
+    Returns ``(dtype, n_rows, dim, indices, k, rowwise, max_exp_avg_sq)``
+    (``indices`` as a contiguous int32/int64 array, ``max_exp_avg_sq`` None
+    unless amsgrad).
+    """
+    dt = float_array("table", table)
+    if table.ndim != 2:
+        raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
+    n_rows, dim = table.shape
+    indices = _check_indices(indices, n_rows)
+    k = indices.shape[0]
+    float_array("grad_rows", grad_rows, dt, writable=False)
+    if grad_rows.shape != (k, dim):
+        raise ValueError(f"grad_rows must have shape (len(indices), dim) = ({k}, {dim}), "
+                         f"got {grad_rows.shape}")
+    float_array("exp_avg", exp_avg, dt)
+    if exp_avg.shape != table.shape:
+        raise ValueError(f"exp_avg must have the shape of table {table.shape}, got "
+                         f"{exp_avg.shape}")
+    float_array("exp_avg_sq", exp_avg_sq, dt)
+    if exp_avg_sq.shape == table.shape:
+        rowwise = False
+    elif exp_avg_sq.shape == (n_rows,):
+        rowwise = True
+    else:
+        raise ValueError(f"exp_avg_sq must have shape {table.shape} (elementwise) or "
+                         f"({n_rows},) (row-wise), got {exp_avg_sq.shape}")
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError("amsgrad=True needs max_exp_avg_sq (a buffer like exp_avg_sq)")
+        float_array("max_exp_avg_sq", max_exp_avg_sq, dt)
+        if max_exp_avg_sq.shape != exp_avg_sq.shape:
+            raise ValueError(f"max_exp_avg_sq must have the shape of exp_avg_sq "
+                             f"{exp_avg_sq.shape}, got {max_exp_avg_sq.shape}")
+    else:
+        max_exp_avg_sq = None
+    if row_step is not None:
+        _check_row_step(row_step, n_rows)
+    outs = (table, exp_avg, exp_avg_sq, max_exp_avg_sq, row_step)
+    hit = _runtime.first_overlap(outs + (grad_rows,))
+    if hit is None:
+        hit = _runtime.first_overlap(outs + (indices,))
+        names = _OUT_NAMES + ("indices",)
+    else:
+        names = _OUT_NAMES + ("grad_rows",)
+    if hit is not None:
+        i, j = hit
+        raise ValueError(f"{names[i]} and {names[j]} share memory; outputs must not alias "
+                         "each other or the inputs")
+    return dt, n_rows, dim, indices, k, rowwise, max_exp_avg_sq
+
+
 def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr=1e-3,
                      betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                      decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
@@ -183,7 +238,7 @@ def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=Non
     fast = -1
     if not amsgrad and row_step is None:
         # one native check of the usual call (elementwise, no extension); any
-        # problem is explained by the checks below
+        # problem is explained by the Python checks
         fast = _runtime.sparse_scan(table, indices, grad_rows, exp_avg, exp_avg_sq)
     if fast >= 0:
         dt = F64 if fast else F32
@@ -192,50 +247,8 @@ def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=Non
         rowwise = False
         max_exp_avg_sq = None
     else:
-        dt = float_array("table", table)
-        if table.ndim != 2:
-            raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
-        n_rows, dim = table.shape
-        indices = _check_indices(indices, n_rows)
-        k = indices.shape[0]
-        float_array("grad_rows", grad_rows, dt, writable=False)
-        if grad_rows.shape != (k, dim):
-            raise ValueError(f"grad_rows must have shape (len(indices), dim) = ({k}, {dim}), "
-                             f"got {grad_rows.shape}")
-        float_array("exp_avg", exp_avg, dt)
-        if exp_avg.shape != table.shape:
-            raise ValueError(f"exp_avg must have the shape of table {table.shape}, got "
-                             f"{exp_avg.shape}")
-        float_array("exp_avg_sq", exp_avg_sq, dt)
-        if exp_avg_sq.shape == table.shape:
-            rowwise = False
-        elif exp_avg_sq.shape == (n_rows,):
-            rowwise = True
-        else:
-            raise ValueError(f"exp_avg_sq must have shape {table.shape} (elementwise) or "
-                             f"({n_rows},) (row-wise), got {exp_avg_sq.shape}")
-        if amsgrad:
-            if max_exp_avg_sq is None:
-                raise ValueError("amsgrad=True needs max_exp_avg_sq (a buffer like exp_avg_sq)")
-            float_array("max_exp_avg_sq", max_exp_avg_sq, dt)
-            if max_exp_avg_sq.shape != exp_avg_sq.shape:
-                raise ValueError(f"max_exp_avg_sq must have the shape of exp_avg_sq "
-                                 f"{exp_avg_sq.shape}, got {max_exp_avg_sq.shape}")
-        else:
-            max_exp_avg_sq = None
-        if row_step is not None:
-            _check_row_step(row_step, n_rows)
-        outs = (table, exp_avg, exp_avg_sq, max_exp_avg_sq, row_step)
-        hit = _runtime.first_overlap(outs + (grad_rows,))
-        if hit is None:
-            hit = _runtime.first_overlap(outs + (indices,))
-            names = _OUT_NAMES + ("indices",)
-        else:
-            names = _OUT_NAMES + ("grad_rows",)
-        if hit is not None:
-            i, j = hit
-            raise ValueError(f"{names[i]} and {names[j]} share memory; outputs must not alias "
-                             "each other or the inputs")
+        dt, n_rows, dim, indices, k, rowwise, max_exp_avg_sq = _check_arrays(
+            table, indices, grad_rows, exp_avg, exp_avg_sq, amsgrad, max_exp_avg_sq, row_step)
     if step is None:
         if row_step is None:
             raise TypeError("sparse_adam_step() needs step= (the 1-based count of the update "

@@ -588,10 +588,9 @@ class SparseAdam(Optimizer):
                         ix = g._indices()
                         vals = g._values()
                         if ix.is_contiguous() and vals.is_contiguous():
-                            if vals.requires_grad:
-                                vals = vals.detach()
-                            vals = vals.numpy().reshape(vals.shape[0], c.table_np.shape[1])
-                            work.append((group, state, (c.table_np, ix.numpy()[0], vals,
+                            vn = (vals.detach() if vals.requires_grad else vals).numpy()
+                            vn = vn.reshape(vn.shape[0], c.table_np.shape[1])
+                            work.append((group, state, (c.table_np, ix.numpy()[0], vn,
                                                         c.m_np, c.v_np), p))
                             continue
                     del cache[p]

@@ -702,6 +702,27 @@ def test_sparse_cached_views_follow_changes_between_steps(sparse_kernel):
     assert oa.state[ea.weight]["step"] == ob.state[eb.weight]["step"] == 9
 
 
+def test_sparse_adam_rejected_step_on_cached_views_writes_nothing(sparse_kernel):
+    """From the second step SparseAdam takes its cached-view path; a gradient with
+    an out-of-range row id is still rejected before anything is written."""
+    e = torch.nn.Embedding(30, 4, sparse=True)
+    opt = fat.SparseAdam(e.parameters(), lr=1e-2)
+    for ids in (torch.tensor([1, 5, 1]), torch.tensor([2, 7])):
+        opt.zero_grad()
+        e(ids).sum().backward()
+        opt.step()
+    st = opt.state[e.weight]
+    before = [t.detach().clone() for t in (e.weight, st["exp_avg"], st["exp_avg_sq"])]
+    e.weight.grad = torch.sparse_coo_tensor(torch.tensor([[3, 30]]), torch.ones(2, 4),
+                                            (30, 4), check_invariants=False)
+    with pytest.raises(IndexError, match=r"indices\[1\] = 30"):
+        opt.step()
+    after = (e.weight, st["exp_avg"], st["exp_avg_sq"])
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
+               for a, b in zip(after, before))
+    assert st["step"] == 2 and e.weight in opt._fa_views
+
+
 def test_amsgrad_switched_on_later_creates_its_state():
     p = torch.nn.Parameter(torch.randn(16))
     opt = fat.Adam([p], lr=1e-2)

@@ -13,7 +13,7 @@ from . import _dispatch, _runtime, _threads
 from ._validate import (F32, F64, check_grad_scale, check_hyper, check_step, float_array,
                         no_overlap, same_shape)
 
-__all__ = ["adam_step", "adamw_step", "adam", "adamw", "plan_adam", "grad_norm",
+__all__ = ["adam_step", "adamw_step", "adam", "adamw", "plan_adam", "run", "grad_norm",
            "adam_scalars"]
 
 _K = _dispatch.kernels
@@ -197,6 +197,13 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.
                           max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
                           grad_scale=grad_scale, n_threads=n_threads):
         call[0](*call[1])
+
+
+def run(plan):
+    """Run the native calls of a plan from :func:`plan_adam` or
+    :func:`plan_sparse_adam` (validated already: nothing here can reject)."""
+    for kernel, args in plan:
+        kernel(*args)
 
 
 def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.999),

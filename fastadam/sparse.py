@@ -19,7 +19,7 @@ from . import _dispatch, _runtime, _threads
 from ._validate import (F32, F64, check_hyper, check_step, describe, float_array,
                         to_numpy as _to_numpy, to_scalar as _num)
 
-__all__ = ["sparse_adam_step", "SparseAdam", "sparse_adam_scalars"]
+__all__ = ["sparse_adam_step", "plan_sparse_adam", "SparseAdam", "sparse_adam_scalars"]
 
 _K = _dispatch.kernels
 _SPARSE = {F32: _K.sparse_adam32, F64: _K.sparse_adam64}
@@ -235,6 +235,66 @@ def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=Non
     >>> m[3]                                          # (1 - 0.9) * (1 + 1)
     array([0.2, 0.2], dtype=float32)
     """
+    kernel, args = _plan_sparse(table, indices, grad_rows, exp_avg, exp_avg_sq, step, lr,
+                                betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
+                                max_exp_avg_sq, maximize, row_step, n_threads)
+    if kernel is not None:
+        _run_sparse(kernel, args)
+
+
+def _run_sparse(kernel, args):
+    """Run one planned sparse kernel call; turn its status into the error."""
+    status, pos, _ = kernel(*args)
+    if status == 0:
+        return
+    indices, row_step, n_rows = args[1], args[6], args[0].shape[0]
+    if status == 1:
+        raise IndexError(f"indices[{pos}] = {int(indices[pos])} is out of range for table "
+                         f"with {n_rows} rows (valid ids: 0 <= id < {n_rows})")
+    r = int(indices[pos])
+    raise ValueError(f"row_step[{r}] = {int(row_step[r])} is negative (row id "
+                     f"indices[{pos}]); per-row step counts must be >= 0")
+
+
+def plan_sparse_adam(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr=1e-3,
+                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                     decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
+                     maximize=False, row_step=None, n_threads=None):
+    """Validate a :func:`sparse_adam_step` call completely -- row ids and per-row
+    counts included -- and return its plan (run it with
+    :func:`fastadam.functional.run`) without writing anything.
+
+    Optimizers that step several tables (or dense and sparse parameters
+    together) plan every call first, so a bad id in a later table leaves
+    every earlier one untouched. :func:`sparse_adam_step` itself leaves the
+    id check to the kernel's merge (one pass fewer).
+    """
+    kernel, args = _plan_sparse(table, indices, grad_rows, exp_avg, exp_avg_sq, step, lr,
+                                betas, eps, weight_decay, decoupled_weight_decay, amsgrad,
+                                max_exp_avg_sq, maximize, row_step, n_threads)
+    if kernel is None:
+        return []
+    ids, n_rows = args[1], args[0].shape[0]
+    if int(ids.min()) < 0 or int(ids.max()) >= n_rows:
+        pos = int(np.flatnonzero((ids < 0) | (ids >= n_rows))[0])
+        raise IndexError(f"indices[{pos}] = {int(ids[pos])} is out of range for table "
+                         f"with {n_rows} rows (valid ids: 0 <= id < {n_rows})")
+    rs = args[6]
+    if rs is not None:
+        neg = np.flatnonzero(rs[ids] < 0)
+        if neg.size:
+            pos = int(neg[0])
+            r = int(ids[pos])
+            raise ValueError(f"row_step[{r}] = {int(rs[r])} is negative (row id "
+                             f"indices[{pos}]); per-row step counts must be >= 0")
+    return [(_run_sparse, (kernel, args))]
+
+
+def _plan_sparse(table, indices, grad_rows, exp_avg, exp_avg_sq, step, lr, betas, eps,
+                 weight_decay, decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize,
+                 row_step, n_threads):
+    """Every check of :func:`sparse_adam_step` but the ids' range; returns
+    ``(kernel, args)``, or ``(None, None)`` for an empty batch."""
     fast = -1
     if not amsgrad and row_step is None:
         # one native check of the usual call (elementwise, no extension); any
@@ -261,22 +321,14 @@ def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=Non
         nss = sparse_adam_scalars(step, lr, b1, b2)
     nt = _threads.resolve(n_threads, k * dim, _threads.SPARSE_SERIAL_THRESHOLD)
     if k == 0:
-        return
+        return None, None
     if decoupled_weight_decay:
         decay, l2 = 1.0 - lr * wd, False
     else:
         decay, l2 = 1.0, wd != 0.0
-    status, pos, _ = _SPARSE[dt](table, indices, grad_rows, exp_avg, exp_avg_sq,
-                                 max_exp_avg_sq, row_step, rowwise, l2, nss,
-                                 -1.0 if maximize else 1.0, decay, wd, 1.0 - b1, 1.0 - b2,
-                                 eps, lr, b1, b2, nt)
-    if status == 1:
-        raise IndexError(f"indices[{pos}] = {int(indices[pos])} is out of range for table "
-                         f"with {n_rows} rows (valid ids: 0 <= id < {n_rows})")
-    if status == 2:
-        r = int(indices[pos])
-        raise ValueError(f"row_step[{r}] = {int(row_step[r])} is negative (row id "
-                         f"indices[{pos}]); per-row step counts must be >= 0")
+    return _SPARSE[dt], (table, indices, grad_rows, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                         row_step, rowwise, l2, nss, -1.0 if maximize else 1.0, decay, wd,
+                         1.0 - b1, 1.0 - b2, eps, lr, b1, b2, nt)
 
 
 class SparseAdam:

@@ -2,10 +2,13 @@
 
 Layout of the build:
 
-* ``fastadam/_kernels.pyx.tp`` (Tempita) is rendered once per dtype inside the
-  template and written out as ``_kernels_<isa>.pyx`` for every ISA level. The
-  files differ only in their module name, so every ISA module exports exactly
-  the same functions, generated from one source.
+* ``fastadam/_kernels.pyx.tp`` (Tempita, with ``_sparse.pxi.tp`` included)
+  is rendered with the tables of ``fastadam/_interface.py`` (the kernel
+  interface: scalars, flags, dtype combinations) and written out as
+  ``_kernels_<isa>.pyx`` for every ISA level, with a type stub
+  ``_kernels_<isa>.pyi`` rendered from ``_kernels.pyi.tp``. The files differ
+  only in their module name, so every ISA module exports exactly the same
+  functions, generated from one source.
 * ``fastadam/_runtime.pyx`` is the flag-free module: CPU probe, OpenMP thread
   queries and pointer helpers. It is compiled without any ISA flag so that it
   can run on every x86-64 CPU before a kernel module is chosen.
@@ -16,7 +19,9 @@ explicitly where the semantics require it, so all ISA builds round the same).
 ``-ffast-math`` and ``-march=native`` are never used by default;
 ``FASTADAM_MARCH=native`` adds an extra ``_kernels_native`` module;
 ``FASTADAM_ISAS=avx2`` (comma list) limits the modules built (baseline always);
-``FASTADAM_NO_OPENMP=1`` forces a serial build.
+``FASTADAM_NO_OPENMP=1`` forces a serial build;
+``FASTADAM_BUILD_JOBS=N`` (or ``MAX_JOBS=N``) compiles N modules at once
+(default: setuptools' own, serial unless ``build_ext -j N`` is given).
 OpenMP is used when the compiler supports it, else the build is serial
 (with a warning).
 """
@@ -27,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import warnings
+
+import importlib.util
 
 import numpy as np
 from Cython.Build import cythonize
@@ -85,24 +92,35 @@ for isa in [k for k in ISA_FLAGS if k != "baseline"]:
         del ISA_FLAGS[isa]
 
 
+def _interface():
+    """``fastadam/_interface.py`` (plain Python), loaded without importing fastadam."""
+    spec = importlib.util.spec_from_file_location("_fastadam_interface",
+                                                  os.path.join(PKG, "_interface.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def render_templates():
-    """Render ``_kernels.pyx.tp`` (and included ``*.pxi.tp``) for each ISA."""
+    """Render ``_kernels.pyx.tp`` (and included ``*.pxi.tp``) and the type stub
+    ``_kernels.pyi.tp`` for each ISA, from the tables of ``_interface.py``."""
+    ns = {"I": _interface()}
     for name in os.listdir(PKG):
         if name.endswith(".pxi.tp"):
             out = os.path.join(PKG, name[:-3])
-            _write_if_changed(out, _render(os.path.join(PKG, name)))
-    src = _render(os.path.join(PKG, "_kernels.pyx.tp"))
+            _write_if_changed(out, _render(os.path.join(PKG, name), ns))
+    src = _render(os.path.join(PKG, "_kernels.pyx.tp"), ns)
+    stub = _render(os.path.join(PKG, "_kernels.pyi.tp"), ns)
     for isa in ISA_FLAGS:
         header = f"# Generated from _kernels.pyx.tp for ISA level '{isa}'. Do not edit.\n"
         body = src.replace("@ISA@", isa)
         _write_if_changed(os.path.join(PKG, f"_kernels_{isa}.pyx"), header + body)
-        with open(os.path.join(PKG, "_kernels.pyi")) as f:
-            _write_if_changed(os.path.join(PKG, f"_kernels_{isa}.pyi"), f.read())
+        _write_if_changed(os.path.join(PKG, f"_kernels_{isa}.pyi"), stub)
 
 
-def _render(path):
+def _render(path, ns):
     with open(path, encoding="utf-8") as f:
-        return Template(f.read(), name=os.path.basename(path)).substitute()
+        return Template(f.read(), name=os.path.basename(path), namespace=ns).substitute()
 
 
 def _write_if_changed(path, text):
@@ -146,13 +164,26 @@ with open(os.path.join(PKG, "_build_info.py"), "w") as f:
     f.write(f"BUILD_INFO = {build_info!r}\n")
 
 
+def _build_jobs():
+    """``FASTADAM_BUILD_JOBS`` or ``MAX_JOBS`` (a positive int), else None."""
+    for var in ("FASTADAM_BUILD_JOBS", "MAX_JOBS"):
+        val = os.environ.get(var, "").strip()
+        if val:
+            if not val.isdigit() or int(val) < 1:
+                raise SystemExit(f"fastadam: {var}={val!r} must be a positive integer")
+            return int(val)
+    return None
+
+
 class BuildExt(build_ext):
-    """Parallel compile of the per-ISA modules."""
+    """Compile the per-ISA modules ``FASTADAM_BUILD_JOBS`` (or ``MAX_JOBS``) at a
+    time when set; otherwise setuptools' default (``build_ext -j N`` works)."""
 
     def finalize_options(self):
         super().finalize_options()
-        if self.parallel is None:
-            self.parallel = os.cpu_count() or 1
+        jobs = _build_jobs()
+        if jobs is not None:
+            self.parallel = jobs
 
 
 setup(

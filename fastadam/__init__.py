@@ -1,9 +1,11 @@
 """fastadam: the fastest correct Adam-family optimizer step for the CPU.
 
-Layers: Cython kernels (one module per ISA level, chosen at import) <-
-``fastadam.functional`` (validation, scalars, dispatch) <- ``fastadam.optim``
-(stateful numpy optimizers) and ``fastadam.torch`` (torch.optim drop-ins,
-imported lazily). ``fastadam._reference`` is the plain-numpy specification.
+Layers: Cython kernels (one module per ISA level, chosen at import; their
+interface declared in ``fastadam._interface``) <- ``fastadam.functional``
+(validation, the kernel call built by ``fastadam._plan``, dense and sparse)
+<- ``fastadam.optim`` (stateful numpy optimizers) and ``fastadam.torch``
+(torch.optim drop-ins, imported lazily). ``fastadam._reference`` is the
+plain-numpy specification; ``fastadam.bench`` the benchmark suite.
 """
 __version__ = "0.1.0"
 
@@ -11,13 +13,8 @@ from . import functional
 from ._config import show_config
 from ._dispatch import ISA as isa
 from ._threads import get_num_threads, set_num_threads
-from .functional import adam_step, adamw_step, grad_norm
-from .optim import Adam, AdamW, load, save
-
-try:  # the sparse path (issue 4)
-    from .sparse import SparseAdam, sparse_adam_step
-except ImportError:  # pragma: no cover - until the sparse path lands
-    pass
+from .functional import adam_step, adamw_step, grad_norm, sparse_adam_step
+from .optim import Adam, AdamW, SparseAdam, load, save
 
 __all__ = [
     "adam_step", "adamw_step", "grad_norm", "sparse_adam_step", "functional",

@@ -26,16 +26,24 @@ SPARSE_SERIAL_THRESHOLD = 16384
 _user_threads = None
 
 
+def check(n_threads, name="n_threads"):
+    """Validate a thread count: an int >= 1, or None (resolve at call time)."""
+    if n_threads is None or type(n_threads) is int and n_threads >= 1:
+        return n_threads
+    try:
+        n = operator.index(n_threads)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or None, got "
+                        f"{type(n_threads).__name__}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1 or None, got {n}")
+    return n
+
+
 def set_num_threads(n):
     """Set the default thread count for all fastadam calls (None: reset to OpenMP's)."""
     global _user_threads
-    if n is None:
-        _user_threads = None
-        return
-    n = operator.index(n)
-    if n < 1:
-        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
-    _user_threads = n
+    _user_threads = check(n, "set_num_threads: n")
 
 
 def get_num_threads():
@@ -57,14 +65,6 @@ def resolve(n_threads, work, threshold=SERIAL_THRESHOLD):
             return 1
         n = _user_threads if _user_threads is not None else _runtime.omp_max_threads()
     else:
-        if type(n_threads) is not int:
-            try:
-                n_threads = operator.index(n_threads)
-            except TypeError:
-                raise TypeError("n_threads must be an int or None, got "
-                                f"{type(n_threads).__name__}") from None
-        if n_threads < 1:
-            raise ValueError(f"n_threads must be >= 1 or None, got {n_threads}")
-        n = n_threads
+        n = check(n_threads)
     cap = work // threshold
     return n if n <= cap else (cap if cap > 1 else 1)

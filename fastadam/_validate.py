@@ -1,18 +1,23 @@
-"""Input validation shared by the functional API (layer 2).
+"""Input validation shared by every layer above the kernels.
 
 Every public call validates ALL of its inputs with these helpers before any
 kernel runs, so a rejected call leaves every buffer bit-identical. Messages
-name the argument, what was expected and what was given.
+name the argument, what was expected and what was given. Which dtypes a
+buffer may have comes from the kernel interface (``fastadam._interface``);
+which combinations of them have a kernel is asked of ``fastadam._plan``.
 """
 import math
 import operator
 
 import numpy as np
 
-from . import _runtime
+from . import _interface, _runtime
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
+# every dtype some kernel takes, by identity (``dtype is``) and by equality
+_DTYPES = {np.dtype(name): np.dtype(name) for name in _interface.DTYPES}
+_DTYPE_LIST = " or ".join(_interface.DTYPES)
 
 
 def describe(a):
@@ -21,26 +26,19 @@ def describe(a):
     return type(a).__name__
 
 
-def float_array(name, a, dtype=None, *, writable=True):
-    """Check ``a`` is a C-contiguous float32/float64 ndarray; return its dtype.
+def check_buffer(name, a, *, writable=True):
+    """Check ``a`` is a C-contiguous ndarray of a kernel dtype; return its dtype.
 
-    ``dtype``: the dtype it must have (mixed precision is a TypeError).
     ``writable``: outputs must be writable; read-only inputs are accepted.
+    Whether the dtypes of a call's buffers go together is the kernel
+    table's question (``_plan.Kernels.get``).
     """
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, got {describe(a)}")
-    dt = a.dtype
-    if dt is not F32 and dt is not F64:
-        if dt == F32:
-            dt = F32
-        elif dt == F64:
-            dt = F64
-        else:
-            raise TypeError(f"{name} must have dtype float32 or float64 (native byte order), "
-                            f"got {dt}")
-    if dtype is not None and dt is not dtype:
-        raise TypeError(f"{name} has dtype {dt} but the parameter is {dtype}: "
-                        "mixed float32/float64 buffers are not allowed")
+        raise TypeError(f"{name} must be a numpy.ndarray of {_DTYPE_LIST}, got {describe(a)}")
+    dt = _DTYPES.get(a.dtype)
+    if dt is None or not a.dtype.isnative:
+        raise TypeError(f"{name} must have dtype {_DTYPE_LIST} (native byte order), "
+                        f"got {a.dtype}")
     flags = a.flags
     if not flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous, got strides {a.strides} "
@@ -50,18 +48,38 @@ def float_array(name, a, dtype=None, *, writable=True):
     return dt
 
 
+def same_dtype(name, dt, ref_name, ref_dt):
+    """The state buffers of a call (exp_avg, exp_avg_sq, max_exp_avg_sq) share one dtype."""
+    if dt is not ref_dt:
+        raise TypeError(f"{name} has dtype {dt} but {ref_name} has {ref_dt}: the state "
+                        "buffers of a parameter share one dtype")
+
+
 def same_shape(name, a, ref_name, ref):
     if a.shape != ref.shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {ref.shape}, got {a.shape}")
 
 
-def no_overlap(names, arrays):
+def no_overlap(names, arrays, inputs="the gradient"):
     """Raise ValueError if any two of ``arrays`` share memory (None skipped)."""
     hit = _runtime.first_overlap(tuple(arrays))
     if hit is not None:
         i, j = hit
         raise ValueError(f"{names[i]} and {names[j]} share memory; outputs must not alias "
-                         "each other or the gradient")
+                         f"each other or {inputs}")
+
+
+def id_out_of_range(indices, pos, n_rows):
+    """The IndexError for row id ``indices[pos]`` outside ``[0, n_rows)``."""
+    return IndexError(f"indices[{pos}] = {int(indices[pos])} is out of range for table "
+                      f"with {n_rows} rows (valid ids: 0 <= id < {n_rows})")
+
+
+def negative_row_step(indices, pos, row_step):
+    """The ValueError for a negative per-row count of row ``indices[pos]``."""
+    r = int(indices[pos])
+    return ValueError(f"row_step[{r}] = {int(row_step[r])} is negative (row id "
+                      f"indices[{pos}]); per-row step counts must be >= 0")
 
 
 def check_step(step, name="step"):
@@ -141,6 +159,17 @@ def check_grad_scale(grad_scale):
 def to_scalar(x):
     """A Python number from a number, numpy scalar or 0-d array/tensor."""
     return x.item() if hasattr(x, "item") else x
+
+
+def check_state_step(value, name="step"):
+    """A checkpoint's ``step`` (int, integral float, numpy scalar or 0-d
+    tensor) as an int >= 0 (0: state created, never stepped)."""
+    v = to_scalar(value)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if v == 0 and not isinstance(v, (bool, str, bytes)):
+        return 0
+    return check_step(v, name)
 
 
 def to_numpy(x):

@@ -1,45 +1,45 @@
-"""Functional API (layer 2): validate, compute the scalars once, dispatch.
+"""Functional API (layer 2): validate, build the kernel call, run it.
 
-Every function validates ALL inputs before any kernel runs (a rejected call
-leaves every buffer bit-identical), computes the per-call scalars in double
-precision, picks the float32/float64 kernel by a dict lookup and calls it
-once. Kernels live in the ISA module chosen at import (``fastadam._dispatch``).
+Dense and sparse entries side by side. Every function validates ALL inputs
+before any kernel runs (a rejected call leaves every buffer bit-identical),
+has ``fastadam._plan`` build the kernel's ``args``/``flags`` in double
+precision once per call, selects the kernel by (param, grad, state) dtype
+with one dict lookup and calls it once. ``plan_adam`` / ``plan_sparse_adam``
+do all of that except the call and return a plan; optimizers plan every
+param group first and :func:`run` the plans after, so a bad value anywhere
+writes nothing anywhere.
 """
 import math
 
 import numpy as np
 
-from . import _dispatch, _runtime, _threads
-from ._validate import (F32, F64, check_grad_scale, check_hyper, check_step, float_array,
-                        no_overlap, same_shape)
+from . import _plan, _runtime, _threads
+from ._validate import (F32, F64, check_buffer, check_grad_scale, check_hyper, check_step,
+                        describe, id_out_of_range, negative_row_step, no_overlap, same_dtype,
+                        same_shape)
 
-__all__ = ["adam_step", "adamw_step", "adam", "adamw", "plan_adam", "run", "grad_norm",
-           "adam_scalars"]
+__all__ = ["adam_step", "adamw_step", "adam", "adamw", "sparse_adam_step", "grad_norm",
+           "plan_adam", "plan_sparse_adam", "run"]
 
-_K = _dispatch.kernels
-_ADAM = {F32: _K.adam32, F64: _K.adam64}
-_ADAM_MULTI = {F32: _K.adam_multi32, F64: _K.adam_multi64}
-_SUMSQ = {F32: _K.sumsq_multi32, F64: _K.sumsq_multi64}
 _SINGLE_NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
 _LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
+# the dtype combinations the native list scan recognises (its ``is64`` flag)
+_SCAN_KEYS = ((F32, F32, F32), (F64, F64, F64))
 
 
-def adam_scalars(step, lr, beta1, beta2):
-    """Per-step scalars in double: (-step_size, sqrt(bias_correction2)).
+def _kernels():
+    # looked up at call time, so that a test can run another ISA module's
+    # kernels through the same validation (tests/conftest.py: use_isa)
+    return _plan.KERNELS
 
-    ``bc1 = 1 - beta1**step``, ``bc2 = 1 - beta2**step``,
-    ``step_size = lr / bc1`` -- exactly torch's fused Adam.
-    """
-    bc1 = 1.0 - beta1 ** step
-    bc2 = 1.0 - beta2 ** step
-    return -(lr / bc1), math.sqrt(bc2)
 
+# ------------------------------------------------------------------ dense
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
               max_exp_avg_sq=None, maximize=False, grad_scale=None, n_threads=None):
-    r"""One fused Adam (or AdamW) step over one buffer, in place.
+    """One fused Adam (or AdamW) step over one buffer, in place.
 
     Parameters
     ----------
@@ -76,7 +76,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
         vmax = max(vmax, v) (amsgrad)
         p = p - (lr/bc1) * m / (sqrt(v or vmax) / sqrt(bc2) + eps)
 
-    rounded exactly like ``torch.optim.Adam(fused=True)`` (see DESIGN.md):
+    rounded exactly like ``torch.optim.Adam(fused=True)`` (docs: Semantics):
     the result is bitwise identical for every thread count and ISA module.
     Note that ``eps`` is added after dividing by ``sqrt(bc2)`` (torch's
     placement), unlike ``sparse_adam_step``.
@@ -90,25 +90,25 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
     >>> p.round(6)
     array([0.9, 0.9, 0.9, 0.9], dtype=float32)
     """
-    kernel, args = _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps,
-                                weight_decay, decoupled_weight_decay, amsgrad, max_exp_avg_sq,
-                                maximize, grad_scale, n_threads)
-    kernel(*args)
+    run(_plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
+                     decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize, grad_scale,
+                     n_threads))
 
 
 def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
                  decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize, grad_scale,
                  n_threads, names=_SINGLE_NAMES):
-    """Validate one buffer's step; return (kernel, args) without running it.
+    """Validate one buffer's step; return its plan without running it.
 
     ``names``: what messages call (param, grad, exp_avg, exp_avg_sq,
     max_exp_avg_sq, step) -- list entries when called for a one-array list.
     """
     n_p, n_g, n_m, n_v, n_vm, n_step = names
-    dt = float_array(n_p, param)
-    float_array(n_g, grad, dt, writable=False)
-    float_array(n_m, exp_avg, dt)
-    float_array(n_v, exp_avg_sq, dt)
+    pdt = check_buffer(n_p, param)
+    gdt = check_buffer(n_g, grad, writable=False)
+    sdt = check_buffer(n_m, exp_avg)
+    same_dtype(n_v, check_buffer(n_v, exp_avg_sq), n_m, sdt)
+    kernel = _kernels().get("adam", pdt, gdt, sdt, (n_p, n_g, n_m))
     shape = param.shape
     if grad.shape != shape:
         same_shape(n_g, grad, n_p, param)
@@ -119,7 +119,7 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
     if amsgrad:
         if max_exp_avg_sq is None:
             raise ValueError(f"amsgrad=True needs {n_vm} (a buffer like {n_v})")
-        float_array(n_vm, max_exp_avg_sq, dt)
+        same_dtype(n_vm, check_buffer(n_vm, max_exp_avg_sq), n_m, sdt)
         if max_exp_avg_sq.shape != shape:
             same_shape(n_vm, max_exp_avg_sq, n_p, param)
     else:
@@ -129,15 +129,11 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
     step = check_step(step, n_step)
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
     scaled, gs = check_grad_scale(grad_scale)
-    nt = _threads.resolve(n_threads, param.size * (_threads.FP64_COST if dt is F64 else 1))
-    nss, bc2s = adam_scalars(step, lr, b1, b2)
-    if decoupled_weight_decay:
-        decay, l2 = 1.0 - lr * wd, False
-    else:
-        decay, l2 = 1.0, wd != 0.0
-    return _ADAM[dt], (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, nss, bc2s,
-                       -1.0 if maximize else 1.0, gs, decay, wd, 1.0 - b1, 1.0 - b2, b2, eps,
-                       l2, scaled, nt)
+    nt = _threads.resolve(n_threads, param.size * (_threads.FP64_COST if pdt is F64 else 1))
+    args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize,
+                                   gs if scaled else None)
+    args = _plan.with_step(args, *_plan.dense_step_scalars(step, lr, b1, b2))
+    return [(kernel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, args, flags, nt))]
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
@@ -191,12 +187,17 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.
     >>> round(float(ps[1][0]), 6)
     0.5
     """
-    for call in plan_adam(params, grads, exp_avgs, exp_avg_sqs, steps=steps, lr=lr,
-                          betas=betas, eps=eps, weight_decay=weight_decay,
-                          decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
-                          max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
-                          grad_scale=grad_scale, n_threads=n_threads):
-        call[0](*call[1])
+    run(plan_adam(params, grads, exp_avgs, exp_avg_sqs, steps=steps, lr=lr, betas=betas,
+                  eps=eps, weight_decay=weight_decay,
+                  decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
+                  max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize, grad_scale=grad_scale,
+                  n_threads=n_threads))
+
+
+def adamw(params, grads, exp_avgs, exp_avg_sqs, *, steps, weight_decay=1e-2, **kwargs):
+    """AdamW over lists: :func:`adam` with ``decoupled_weight_decay=True``."""
+    adam(params, grads, exp_avgs, exp_avg_sqs, steps=steps, weight_decay=weight_decay,
+         decoupled_weight_decay=True, **kwargs)
 
 
 def run(plan):
@@ -210,8 +211,8 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
               max_exp_avg_sqs=None, maximize=False, grad_scale=None, n_threads=None,
               labels=None):
-    """Validate everything for :func:`adam` and return its kernel calls
-    (``(kernel, args)`` pairs, one per dtype) without running them.
+    """Validate everything for :func:`adam` and return its plan -- one native
+    call per dtype combination -- without running it (see :func:`run`).
 
     Optimizers validate all their param groups this way before writing any.
     ``labels[i]`` is the index that error messages give entry ``i`` (default
@@ -226,10 +227,10 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
         # one array: the single-buffer kernel, no pointer tables (per-call overhead)
         s0 = steps[0] if isinstance(steps, (list, tuple)) and len(steps) == 1 else steps
         names = tuple(f"{name}[{lab(0)}]" for name in _LIST_NAMES + ("steps",))
-        return [_plan_single(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], s0, lr, betas,
-                             eps, weight_decay, decoupled_weight_decay, amsgrad,
-                             max_exp_avg_sqs[0] if amsgrad else None, maximize, grad_scale,
-                             n_threads, names)]
+        return _plan_single(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], s0, lr, betas,
+                            eps, weight_decay, decoupled_weight_decay, amsgrad,
+                            max_exp_avg_sqs[0] if amsgrad else None, maximize, grad_scale,
+                            n_threads, names)
     grads = _as_list("grads", grads, n)
     exp_avgs = _as_list("exp_avgs", exp_avgs, n)
     exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs, n)
@@ -250,14 +251,21 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([vmaxs] if vmaxs is not None else [])
     ptrs = np.empty((5, n), dtype=np.int64)
     sizes = np.empty(n, dtype=np.int64)
-    is64 = np.empty(n, dtype=np.int8)
-    bad = _runtime.scan_lists(params, grads, exp_avgs, exp_avg_sqs, vmaxs, ptrs, sizes, is64)
+    key_of = np.empty(n, dtype=np.int8)
+    keys = list(_SCAN_KEYS)
+    bad = _runtime.scan_lists(params, grads, exp_avgs, exp_avg_sqs, vmaxs, ptrs, sizes, key_of)
     if bad >= 0:
-        _explain_entry(lists, bad, lab(bad))
+        # not the homogeneous fast case: check every entry in Python (this
+        # raises the precise error, or accepts a mixed-dtype combination)
+        keys = _scan_entries(lists, ptrs, sizes, key_of, lab)
     nl = len(lists)
-    itemsize = np.where(is64 != 0, 8, 4)
-    nbytes = np.empty(nl * n, dtype=np.int64)
-    nbytes.reshape(nl, n)[...] = sizes * itemsize  # (np.tile leaks in numpy 2.4)
+    nbytes = np.empty((nl, n), dtype=np.int64)
+    if bad < 0:
+        nbytes[...] = sizes * np.where(key_of != 0, 8, 4)  # (np.tile leaks in numpy 2.4)
+    else:
+        for j, lst in enumerate(lists):
+            nbytes[j] = [a.nbytes for a in lst]
+    nbytes = nbytes.ravel()
     is_out = np.ones(nl * n, dtype=np.int8)
     is_out[n:2 * n] = 0  # grads are only read
     hit = _runtime.first_conflict(ptrs[:nl].ravel(), nbytes, is_out)
@@ -265,24 +273,21 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
         a, b = (f"{_LIST_NAMES[k // n]}[{lab(k % n)}]" for k in hit)
         raise ValueError(f"{a} and {b} share memory; outputs must not alias each other "
                          "or any gradient")
-    nt_arg = n_threads
-    _threads.resolve(nt_arg, 0)  # validate n_threads before any write
-    if decoupled_weight_decay:
-        decay, l2 = 1.0 - lr * wd, False
-    else:
-        decay, l2 = 1.0, wd != 0.0
+    nt_arg = _threads.check(n_threads)
+    args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize,
+                                   gs if scaled else None)
     if len(set(step_list)) == 1:
-        s0 = adam_scalars(step_list[0], lr, b1, b2)
+        s0 = _plan.dense_step_scalars(step_list[0], lr, b1, b2)
         nss_all, bc2s_all = np.full(n, s0[0]), np.full(n, s0[1])
     else:
-        scal = {s: adam_scalars(s, lr, b1, b2) for s in set(step_list)}
+        scal = {s: _plan.dense_step_scalars(s, lr, b1, b2) for s in set(step_list)}
         nss_all = np.array([scal[s][0] for s in step_list])
         bc2s_all = np.array([scal[s][1] for s in step_list])
-    calls = []
-    for dt, flag in ((F32, 0), (F64, 1)):
+    plan = []
+    for ki, (pdt, gdt, sdt) in enumerate(keys):
         if n == 0:
             break
-        mask = is64 == flag
+        mask = key_of == ki
         if mask.all():
             sel = ptrs, sizes, nss_all, bc2s_all
         elif mask.any():
@@ -293,37 +298,39 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
         p_, sz, nss, bc2s = sel
         offsets = np.zeros(len(sz) + 1, dtype=np.int64)
         np.cumsum(sz, out=offsets[1:])
-        nt = _threads.resolve(nt_arg, int(offsets[-1]) * (_threads.FP64_COST if flag else 1))
-        calls.append((_ADAM_MULTI[dt], (p_[0], p_[1], p_[2], p_[3],
-                      p_[4] if vmaxs is not None else _EMPTY_I64, offsets, nss, bc2s,
-                      -1.0 if maximize else 1.0, gs, decay, wd, 1.0 - b1, 1.0 - b2, b2,
-                      eps, l2, scaled, nt)))
-    return calls
+        nt = _threads.resolve(nt_arg, int(offsets[-1]) * (_threads.FP64_COST if pdt is F64 else 1))
+        kernel = _kernels().get("adam_multi", pdt, gdt, sdt)
+        plan.append((kernel, (p_[0], p_[1], p_[2], p_[3],
+                              p_[4] if vmaxs is not None else _EMPTY_I64, offsets, nss, bc2s,
+                              _plan.with_step(args, 0.0, 1.0), flags, nt)))
+    return plan
 
 
-
-def _explain_entry(lists, i, label):
-    """Raise the precise error for entry ``i`` (named ``label``) that the native
-    scan rejected."""
-    p = lists[0][i]
-    dt = float_array(f"params[{label}]", p)
-    for j in range(1, len(lists)):
-        name = f"{_LIST_NAMES[j]}[{label}]"
-        float_array(name, lists[j][i], dt, writable=j != 1)
-        same_shape(name, lists[j][i], f"params[{label}]", p)
-    raise ValueError(f"params[{label}]: invalid entry")  # pragma: no cover - scan and checks agree
-
-
-def adamw(params, grads, exp_avgs, exp_avg_sqs, *, steps, weight_decay=1e-2, **kwargs):
-    """AdamW over lists: :func:`adam` with ``decoupled_weight_decay=True``."""
-    adam(params, grads, exp_avgs, exp_avg_sqs, steps=steps, weight_decay=weight_decay,
-         decoupled_weight_decay=True, **kwargs)
-
-
-def _pointers(arrays):
-    out = np.empty(len(arrays), dtype=np.int64)
-    _runtime.addresses(arrays, out)
-    return out
+def _scan_entries(lists, ptrs, sizes, key_of, lab):
+    """The Python check of every list entry (what the native scan does for
+    the homogeneous combinations, for any combination the kernel table has):
+    fills ``ptrs``, ``sizes``, ``key_of`` and returns the list of keys."""
+    keys = []
+    for i in range(len(lists[0])):
+        label = lab(i)
+        names = [f"{name}[{label}]" for name in _LIST_NAMES]
+        p = lists[0][i]
+        pdt = check_buffer(names[0], p)
+        gdt = check_buffer(names[1], lists[1][i], writable=False)
+        sdt = check_buffer(names[2], lists[2][i])
+        for j in range(3, len(lists)):
+            same_dtype(names[j], check_buffer(names[j], lists[j][i]), names[2], sdt)
+        _kernels().get("adam_multi", pdt, gdt, sdt, names[:3])
+        for j in range(1, len(lists)):
+            same_shape(names[j], lists[j][i], names[0], p)
+        key = (pdt, gdt, sdt)
+        if key not in keys:
+            keys.append(key)
+        key_of[i] = keys.index(key)
+        sizes[i] = p.size
+        for j, lst in enumerate(lists):
+            ptrs[j, i] = lst[i].ctypes.data
+    return keys
 
 
 def grad_norm(grads, *, n_threads=None):
@@ -346,19 +353,18 @@ def grad_norm(grads, *, n_threads=None):
     grads = _as_list("grads", grads)
     groups = {}
     for i, g in enumerate(grads):
-        dt = float_array(f"grads[{i}]", g, writable=False)
+        dt = check_buffer(f"grads[{i}]", g, writable=False)
         groups.setdefault(dt, []).append(g)
-    _threads.resolve(n_threads, 0)
+    _threads.check(n_threads)
     total = 0.0
-    for dt in (F32, F64):
-        gs = groups.get(dt)
-        if not gs:
-            continue
+    for dt, gs in groups.items():
         offsets = np.zeros(len(gs) + 1, dtype=np.int64)
         np.cumsum(np.fromiter((g.size for g in gs), dtype=np.int64, count=len(gs)),
                   out=offsets[1:])
         nt = _threads.resolve(n_threads, int(offsets[-1]))
-        total += _SUMSQ[dt](_pointers(gs), offsets, nt)
+        ptrs = np.empty(len(gs), dtype=np.int64)
+        _runtime.addresses(gs, ptrs)
+        total += _kernels().norm(dt)(ptrs, offsets, nt)
     if math.isinf(total):
         # Squares overflowed double (|g| > 1e154) or an element is inf: rescale.
         amax = max((float(np.max(np.abs(g))) for g in grads if g.size), default=0.0)
@@ -366,4 +372,288 @@ def grad_norm(grads, *, n_threads=None):
             return amax * math.sqrt(sum(float(np.sum(np.square(g / amax, dtype=np.float64)))
                                         for g in grads))
     return math.sqrt(total)
-from .sparse import sparse_adam_step  # noqa: E402,F401  (issue 4: the sparse path)
+
+
+# ----------------------------------------------------------------- sparse
+
+_I32 = np.dtype(np.int32)
+_I64 = np.dtype(np.int64)
+_SPARSE_OUT_NAMES = ("table", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "row_step")
+_SPARSE_BAD_ID = 1
+
+
+def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr=1e-3,
+                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                     decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
+                     maximize=False, row_step=None, n_threads=None):
+    """One sparse ("lazy") Adam step of the rows of ``table`` that a batch touched, in place.
+
+    Duplicate ids are summed first (in native code, in batch order, so the
+    result is bitwise identical for any thread count), then every touched
+    row is updated once; all other rows of the table and of its state stay
+    bit-identical. The default arithmetic is ``torch.optim.SparseAdam``'s.
+
+    Parameters
+    ----------
+    table : ndarray, shape (n_rows, dim)
+        float32 or float64, C-contiguous, writable (``np.memmap`` works: only
+        touched rows are read or written).
+    indices : ndarray, shape (k,)
+        int32 or int64 row ids in ``[0, n_rows)``, any order, duplicates
+        allowed (other integer dtypes are converted). May be read-only.
+    grad_rows : ndarray, shape (k, dim)
+        The gradient row for each id (``grad_rows[i]`` belongs to
+        ``indices[i]``), same dtype as ``table``, C-contiguous; may be read-only.
+    exp_avg : ndarray, shape (n_rows, dim)
+        First moment, same dtype; updated in place on touched rows.
+    exp_avg_sq : ndarray, shape (n_rows, dim) or (n_rows,)
+        Second moment. Shape ``(n_rows,)`` selects the **row-wise** second
+        moment (one value per row; see Notes).
+    step : int
+        The 1-based count of the update being applied (torch's global
+        ``state['step']`` after its increment). Used for bias correction
+        unless ``row_step`` is given (then it may be omitted).
+    lr, betas, eps : float
+        As ``torch.optim.SparseAdam``. Note where ``eps`` sits (Notes).
+    weight_decay : float
+        Weight decay applied to touched rows only (off by default).
+    decoupled_weight_decay : bool
+        False: L2, ``g += wd * p``. True: AdamW-style ``p *= 1 - lr * wd``.
+    amsgrad : bool
+        Use the running maximum of the second moment, kept in
+        ``max_exp_avg_sq`` (same shape as ``exp_avg_sq``).
+    max_exp_avg_sq : ndarray, optional
+        Required when ``amsgrad``; ignored otherwise.
+    maximize : bool
+        Ascend instead of descend (the merged gradient is negated).
+    row_step : ndarray of int64, shape (n_rows,), optional
+        Per-row step counts: each touched row's count is incremented and
+        used for that row's bias correction (rows that are rarely touched
+        keep a strong correction). Off (None) by default.
+    n_threads : int, optional
+        Threads; ``None`` resolves at call time. Small batches run serially.
+
+    Raises
+    ------
+    TypeError
+        Wrong types or dtypes (float32/float64 mixed, non-integer indices).
+    ValueError
+        Bad shapes, non-contiguous or read-only outputs, aliasing buffers,
+        hyperparameters out of range.
+    IndexError
+        An id outside ``[0, n_rows)``; the message names the first bad id
+        and its position.
+
+    Every check runs before anything is written: a rejected call leaves
+    every buffer bit-identical. An empty batch is a no-op.
+
+    Notes
+    -----
+    With g the sum of the batch's gradient rows for a touched row (in batch
+    order), t = ``step`` (or the row's count with ``row_step``),
+    ``bc1 = 1 - b1**t``, ``bc2 = 1 - b2**t``, and ``fl()`` rounding a
+    double to the array dtype, per element of the row (no fma)::
+
+        g = -g                                  if maximize
+        p = p * fl(1 - lr*wd)                   if decoupled weight decay
+        g = g + p * fl(wd)                      if L2 weight decay
+        m = m + (g - m) * fl(1 - b1)
+        v = v + (g*g - v) * fl(1 - b2)
+        u = vmax = max(vmax, v)                 if amsgrad, else u = v
+        p = p + fl(-lr*sqrt(bc2)/bc1) * (m / (sqrt(u) + fl(eps)))
+
+    Differences from dense Adam (:func:`fastadam.adam_step`): untouched rows
+    keep their moments (no decay while absent, "lazy"); ``eps`` is added to
+    ``sqrt(v)`` *before* the bias correction (sparse eps = dense eps x
+    sqrt(bc2)), as torch's SparseAdam does; weight decay, if enabled, only
+    reaches touched rows.
+
+    Row-wise second moment (``exp_avg_sq`` of shape ``(n_rows,)``, as
+    FBGEMM's partial-rowwise Adam): per touched row, ``gm`` = the mean over
+    the row of ``g*g`` (summed in double), then ``v = v + (gm - v) * fl(1 -
+    b2)`` once for the row, and every element uses ``sqrt(v) + eps``. The
+    optimizer state falls from 2x to about 1x the table.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam as fa
+    >>> table = np.zeros((5, 2), np.float32)
+    >>> m = np.zeros_like(table); v = np.zeros_like(table)
+    >>> ids = np.array([3, 1, 3])                     # id 3 twice: grads summed
+    >>> g = np.ones((3, 2), np.float32)
+    >>> fa.sparse_adam_step(table, ids, g, m, v, step=1, lr=0.1)
+    >>> np.round(table, 4)
+    array([[ 0. ,  0. ],
+           [-0.1, -0.1],
+           [ 0. ,  0. ],
+           [-0.1, -0.1],
+           [ 0. ,  0. ]], dtype=float32)
+    >>> m[3]                                          # (1 - 0.9) * (1 + 1)
+    array([0.2, 0.2], dtype=float32)
+    """
+    # the ids' range is checked inside the kernel's merge, before any write
+    run(_plan_sparse(table, indices, grad_rows, exp_avg, exp_avg_sq, step, lr, betas, eps,
+                     weight_decay, decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize,
+                     row_step, n_threads))
+
+
+def plan_sparse_adam(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr=1e-3,
+                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                     decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
+                     maximize=False, row_step=None, n_threads=None):
+    """Validate a :func:`sparse_adam_step` call completely -- row ids and per-row
+    counts included -- and return its plan (run it with
+    :func:`fastadam.functional.run`) without writing anything.
+
+    Optimizers that step several tables (or dense and sparse parameters
+    together) plan every call first, so a bad id in a later table leaves
+    every earlier one untouched. :func:`sparse_adam_step` itself leaves the
+    id check to the kernel's merge (one pass fewer).
+    """
+    plan = _plan_sparse(table, indices, grad_rows, exp_avg, exp_avg_sq, step, lr, betas, eps,
+                        weight_decay, decoupled_weight_decay, amsgrad, max_exp_avg_sq,
+                        maximize, row_step, n_threads)
+    if not plan:
+        return plan
+    _, (_, (table, ids, _, _, _, _, rs, _, _, _)) = plan[0]
+    n_rows = table.shape[0]
+    if int(ids.min()) < 0 or int(ids.max()) >= n_rows:
+        raise id_out_of_range(ids, int(np.flatnonzero((ids < 0) | (ids >= n_rows))[0]), n_rows)
+    if rs is not None:
+        neg = np.flatnonzero(rs[ids] < 0)
+        if neg.size:
+            raise negative_row_step(ids, int(neg[0]), rs)
+    return plan
+
+
+def _run_sparse(kernel, args):
+    """Run one planned sparse kernel call; turn its status into the error."""
+    status, pos, _ = kernel(*args)
+    if status == 0:
+        return
+    table, indices, row_step = args[0], args[1], args[6]
+    if status == _SPARSE_BAD_ID:
+        raise id_out_of_range(indices, pos, table.shape[0])
+    raise negative_row_step(indices, pos, row_step)
+
+
+def _plan_sparse(table, indices, grad_rows, exp_avg, exp_avg_sq, step, lr, betas, eps,
+                 weight_decay, decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize,
+                 row_step, n_threads):
+    """Every check of :func:`sparse_adam_step` but the ids' range (the
+    kernel's merge checks it before writing); returns the plan (empty for an
+    empty batch)."""
+    fast = -1
+    if not amsgrad and row_step is None:
+        # one native check of the usual call (elementwise, no extension); any
+        # problem is explained by the Python checks
+        fast = _runtime.sparse_scan(table, indices, grad_rows, exp_avg, exp_avg_sq)
+    if fast >= 0:
+        kernel = _kernels().get("sparse_adam", *_SCAN_KEYS[fast])
+        dim = table.shape[1]
+        k = indices.shape[0]
+        rowwise = False
+        max_exp_avg_sq = None
+    else:
+        kernel, dim, indices, k, rowwise, max_exp_avg_sq = _check_sparse_arrays(
+            table, indices, grad_rows, exp_avg, exp_avg_sq, amsgrad, max_exp_avg_sq, row_step)
+    if step is None:
+        if row_step is None:
+            raise TypeError("sparse_adam_step() needs step= (the 1-based count of the update "
+                            "being applied) unless row_step is given")
+    else:
+        step = check_step(step)
+    lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
+    nt = _threads.resolve(n_threads, k * dim, _threads.SPARSE_SERIAL_THRESHOLD)
+    if k == 0:
+        return []
+    args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize, None,
+                                   rowwise=rowwise)
+    nss = 0.0 if step is None else _plan.sparse_neg_step_size(step, lr, b1, b2)
+    args = _plan.with_step(args, nss)
+    return [(_run_sparse, (kernel, (table, indices, grad_rows, exp_avg, exp_avg_sq,
+                                    max_exp_avg_sq, row_step, args, flags, nt)))]
+
+
+def _check_indices(indices, n_rows):
+    """Return ``indices`` as a C-contiguous native int32/int64 1-D array (no copy if it is one)."""
+    if not isinstance(indices, np.ndarray):
+        raise TypeError(f"indices must be a 1-D numpy.ndarray of int32 or int64, got "
+                        f"{describe(indices)}")
+    dt = indices.dtype
+    if dt.kind not in "iu":
+        raise TypeError(f"indices must have an integer dtype (int32 or int64), got {dt}")
+    if indices.ndim != 1:
+        raise ValueError(f"indices must be 1-D (one row id per gradient row), got shape "
+                         f"{indices.shape}")
+    if (dt == _I32 or dt == _I64) and dt.isnative and indices.flags.c_contiguous:
+        return indices
+    if dt.kind == "u" and dt.itemsize == 8 and indices.size:
+        big = np.flatnonzero(indices > np.iinfo(np.int64).max)
+        if big.size:
+            raise id_out_of_range(indices, int(big[0]), n_rows)
+    return np.ascontiguousarray(indices, dtype=np.int64)
+
+
+def check_row_step(row_step, n_rows):
+    """Check a per-row step-count buffer: int64, ``(n_rows,)``, contiguous, writable."""
+    if not isinstance(row_step, np.ndarray):
+        raise TypeError(f"row_step must be a numpy.ndarray of int64, got {describe(row_step)}")
+    if row_step.dtype != _I64 or not row_step.dtype.isnative:
+        raise TypeError(f"row_step must have dtype int64, got {row_step.dtype}")
+    if row_step.shape != (n_rows,):
+        raise ValueError(f"row_step must have shape ({n_rows},) (one count per table row), "
+                         f"got {row_step.shape}")
+    if not row_step.flags.c_contiguous:
+        raise ValueError(f"row_step must be C-contiguous, got strides {row_step.strides}")
+    if not row_step.flags.writeable:
+        raise ValueError("row_step is read-only; it is updated in place and must be writable")
+
+
+def _check_sparse_arrays(table, indices, grad_rows, exp_avg, exp_avg_sq, amsgrad,
+                         max_exp_avg_sq, row_step):
+    """The buffer checks of :func:`sparse_adam_step`, each with its message.
+
+    Returns ``(kernel, dim, indices, k, rowwise, max_exp_avg_sq)``
+    (``indices`` as a contiguous int32/int64 array, ``max_exp_avg_sq`` None
+    unless amsgrad).
+    """
+    pdt = check_buffer("table", table)
+    if table.ndim != 2:
+        raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
+    n_rows, dim = table.shape
+    indices = _check_indices(indices, n_rows)
+    k = indices.shape[0]
+    gdt = check_buffer("grad_rows", grad_rows, writable=False)
+    if grad_rows.shape != (k, dim):
+        raise ValueError(f"grad_rows must have shape (len(indices), dim) = ({k}, {dim}), "
+                         f"got {grad_rows.shape}")
+    sdt = check_buffer("exp_avg", exp_avg)
+    kernel = _kernels().get("sparse_adam", pdt, gdt, sdt, ("table", "grad_rows", "exp_avg"))
+    if exp_avg.shape != table.shape:
+        raise ValueError(f"exp_avg must have the shape of table {table.shape}, got "
+                         f"{exp_avg.shape}")
+    same_dtype("exp_avg_sq", check_buffer("exp_avg_sq", exp_avg_sq), "exp_avg", sdt)
+    if exp_avg_sq.shape == table.shape:
+        rowwise = False
+    elif exp_avg_sq.shape == (n_rows,):
+        rowwise = True
+    else:
+        raise ValueError(f"exp_avg_sq must have shape {table.shape} (elementwise) or "
+                         f"({n_rows},) (row-wise), got {exp_avg_sq.shape}")
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError("amsgrad=True needs max_exp_avg_sq (a buffer like exp_avg_sq)")
+        same_dtype("max_exp_avg_sq", check_buffer("max_exp_avg_sq", max_exp_avg_sq),
+                   "exp_avg", sdt)
+        if max_exp_avg_sq.shape != exp_avg_sq.shape:
+            raise ValueError(f"max_exp_avg_sq must have the shape of exp_avg_sq "
+                             f"{exp_avg_sq.shape}, got {max_exp_avg_sq.shape}")
+    else:
+        max_exp_avg_sq = None
+    if row_step is not None:
+        check_row_step(row_step, n_rows)
+    outs = (table, exp_avg, exp_avg_sq, max_exp_avg_sq, row_step)
+    no_overlap(_SPARSE_OUT_NAMES + ("grad_rows",), outs + (grad_rows,), "the inputs")
+    no_overlap(_SPARSE_OUT_NAMES + ("indices",), outs + (indices,), "the inputs")
+    return kernel, dim, indices, k, rowwise, max_exp_avg_sq

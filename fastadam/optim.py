@@ -5,19 +5,37 @@ per-group hyperparameters, state created lazily on the first step, integer
 step counts per parameter, and ``state_dict()`` / ``load_state_dict()`` in
 torch's layout (``state`` keyed by parameter index with ``step``,
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; ``param_groups`` with torch's
-keys and ``params`` as index lists). ``save``/``load`` write such a dict to a
-``.npz`` file (no pickle); resuming from it is bit-identical.
+keys and ``params`` as index lists). ``SparseAdam`` mirrors
+``torch.optim.SparseAdam`` for one embedding table. ``save``/``load`` write
+such a dict to a ``.npz`` file (no pickle); resuming from it is
+bit-identical. Every ``step`` plans all its kernel calls before running any.
 """
 import copy
 import json
 
 import numpy as np
 
+from . import _plan, _threads
 from . import functional as F
-from ._validate import to_numpy as _to_numpy, to_scalar
+from ._validate import (check_buffer, check_grad_scale, check_hyper, check_state_step,
+                        same_dtype, to_numpy, to_scalar)
+
+__all__ = ["Adam", "AdamW", "SparseAdam", "save", "load", "new_state"]
 
 _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
                "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+
+
+def new_state(shape, dtype, amsgrad=False, rowwise_shape=None):
+    """Fresh zeroed optimizer state for a parameter: ``step`` 0, ``exp_avg``,
+    ``exp_avg_sq`` (of ``rowwise_shape`` if given) and, with amsgrad,
+    ``max_exp_avg_sq``, all of ``dtype`` (``np.zeros``: pages are only
+    materialised when touched). The one place the numpy layers create state."""
+    vshape = shape if rowwise_shape is None else rowwise_shape
+    st = {"step": 0, "exp_avg": np.zeros(shape, dtype), "exp_avg_sq": np.zeros(vshape, dtype)}
+    if amsgrad:
+        st["max_exp_avg_sq"] = np.zeros(vshape, dtype)
+    return st
 
 
 class Adam:
@@ -60,7 +78,8 @@ class Adam:
             weight_decay = self._defaults_wd
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled
-        F.check_hyper(lr, betas, eps, weight_decay)
+        check_hyper(lr, betas, eps, weight_decay)
+        _threads.check(n_threads)
         self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                              amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=None,
                              capturable=False, differentiable=False, fused=None,
@@ -85,7 +104,7 @@ class Adam:
         ps = [ps] if isinstance(ps, np.ndarray) else list(ps)
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         for i, p in enumerate(ps):
-            F.float_array(f"params[{i}]", p)
+            check_buffer(f"params[{i}]", p)
             if id(p) in seen:
                 raise ValueError("some parameters appear in more than one parameter group")
             seen.add(id(p))
@@ -93,17 +112,14 @@ class Adam:
         for k, v in self.defaults.items():
             group.setdefault(k, v)
         group["betas"] = tuple(group["betas"])
-        F.check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         self.param_groups.append(group)
 
     def _all_params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _init_state(self, p, amsgrad):
-        st = {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
-        if amsgrad:
-            st["max_exp_avg_sq"] = np.zeros_like(p)
-        return st
+        return new_state(p.shape, _plan.state_dtype(p.dtype), amsgrad)
 
     # -- the step ---------------------------------------------------------
     def step(self, grads, *, grad_scale=None):
@@ -116,7 +132,7 @@ class Adam:
         if len(grads) != nparams:
             raise ValueError(f"grads must have {nparams} entries (one per parameter), "
                              f"got {len(grads)}")
-        F.check_grad_scale(grad_scale)
+        check_grad_scale(grad_scale)
         # Validate every group before writing anything: plan all, then run all.
         plans = []
         k = 0
@@ -131,7 +147,7 @@ class Adam:
             ams = group["amsgrad"]
             sts = [self.state.get(id(p)) or self._init_state(p, ams) for p, _ in pairs]
             steps = [st["step"] + 1 for st in sts]
-            calls = F.plan_adam(
+            plan = F.plan_adam(
                 [p for p, _ in pairs], [g for _, g in pairs],
                 [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
                 steps=steps, lr=group["lr"], betas=group["betas"], eps=group["eps"],
@@ -141,10 +157,9 @@ class Adam:
                 if ams else None,
                 maximize=group["maximize"], grad_scale=grad_scale,
                 n_threads=self.n_threads, labels=labels)
-            plans.append((calls, pairs, sts, steps))
-        for calls, pairs, sts, steps in plans:
-            for kernel, args in calls:
-                kernel(*args)
+            plans.append((plan, pairs, sts, steps))
+        for plan, pairs, sts, steps in plans:
+            F.run(plan)
             for (p, _), st, s in zip(pairs, sts, steps):
                 st["step"] = s
                 self.state[id(p)] = st
@@ -152,7 +167,7 @@ class Adam:
     @staticmethod
     def _vmax(st, p):
         if "max_exp_avg_sq" not in st:
-            st["max_exp_avg_sq"] = np.zeros_like(p)
+            st["max_exp_avg_sq"] = np.zeros_like(st["exp_avg_sq"])
         return st["max_exp_avg_sq"]
 
     def zero_grad(self):  # numpy grads are owned by the caller
@@ -198,9 +213,9 @@ class Adam:
             ns = {}
             for key, val in st.items():
                 if key == "step":
-                    ns["step"] = F.check_step(_to_number(val), "step") if _to_number(val) else 0
+                    ns["step"] = check_state_step(val, f"state {i} 'step'")
                     continue
-                arr = _to_numpy(val)
+                arr = to_numpy(val)
                 if arr.shape != p.shape:
                     raise ValueError(f"state {i} '{key}' has shape {arr.shape}, parameter has "
                                      f"{p.shape}")
@@ -230,6 +245,220 @@ class AdamW(Adam):
     _decoupled = True
 
 
+class SparseAdam:
+    """Sparse ("lazy") Adam for one embedding table, stepped in place.
+
+    A numpy counterpart of ``torch.optim.SparseAdam`` for one table: state
+    (``exp_avg``, ``exp_avg_sq``) is created on the first step, one global
+    ``step`` counter is incremented on every :meth:`step` call -- even for an
+    empty batch, like torch -- and :meth:`state_dict` uses torch's layout.
+
+    Parameters
+    ----------
+    table : ndarray, shape (n_rows, dim)
+        float32/float64, C-contiguous, writable (``np.memmap`` works).
+    lr, betas, eps, maximize
+        As ``torch.optim.SparseAdam`` (defaults identical).
+    weight_decay, decoupled_weight_decay, amsgrad : optional
+        Extensions, off by default (see :func:`sparse_adam_step`).
+    rowwise : bool
+        Keep one second-moment value per row (state ~1x the table, not 2x).
+    per_row_step : bool
+        Keep an int64 step count per row, used for that row's bias correction.
+    exp_avg, exp_avg_sq, max_exp_avg_sq, row_step : ndarray, optional
+        Supply the state buffers yourself (e.g. ``np.memmap`` files for
+        tables larger than RAM); they are used in place. Otherwise they are
+        created, zeroed, on the first step (``np.zeros``: pages are only
+        materialised when touched).
+    n_threads : int, optional
+        Threads per step (``None``: resolve at call time).
+
+    Notes
+    -----
+    With all extensions off the state dict is exactly torch's::
+
+        {'state': {0: {'step': int, 'exp_avg': ..., 'exp_avg_sq': ...}},
+         'param_groups': [{'lr', 'betas', 'eps', 'maximize', 'params': [0]}]}
+
+    With extensions, the group also carries ``weight_decay``,
+    ``decoupled_weight_decay``, ``amsgrad``, ``rowwise``, ``per_row_step``,
+    and the state ``max_exp_avg_sq`` / ``row_step``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam as fa
+    >>> emb = np.zeros((4, 3), np.float32)
+    >>> opt = fa.SparseAdam(emb, lr=0.5)
+    >>> opt.step(np.array([2, 2]), np.ones((2, 3), np.float32))
+    >>> np.round(emb[2], 4)
+    array([-0.5, -0.5, -0.5], dtype=float32)
+    >>> opt.state_dict()["state"][0]["step"]
+    1
+    """
+
+    _EXT = (("weight_decay", 0.0), ("decoupled_weight_decay", False), ("amsgrad", False),
+            ("rowwise", False), ("per_row_step", False))
+
+    def __init__(self, table, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *,
+                 weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, rowwise=False,
+                 per_row_step=False, exp_avg=None, exp_avg_sq=None, max_exp_avg_sq=None,
+                 row_step=None, n_threads=None):
+        check_buffer("table", table)
+        if table.ndim != 2:
+            raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
+        check_hyper(lr, betas, eps, weight_decay)
+        _threads.check(n_threads)
+        self.table = table
+        self.n_threads = n_threads
+        group = {"lr": lr, "betas": tuple(betas), "eps": eps, "maximize": bool(maximize)}
+        ext = dict(weight_decay=weight_decay, decoupled_weight_decay=bool(decoupled_weight_decay),
+                   amsgrad=bool(amsgrad), rowwise=bool(rowwise), per_row_step=bool(per_row_step))
+        group.update(ext)
+        self.param_groups = [group]
+        self.state = {}
+        supplied = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
+                    "max_exp_avg_sq": max_exp_avg_sq, "row_step": row_step}
+        if any(b is not None for b in supplied.values()):
+            st = self._new_state()
+            for key, buf in supplied.items():
+                if buf is not None:
+                    if key not in st:
+                        raise ValueError(f"{key} was given but the options do not use it")
+                    st[key] = buf
+            self._check_state(st)
+            self.state = st
+
+    # -- state --------------------------------------------------------------
+    @property
+    def defaults(self):
+        return {k: v for k, v in self.param_groups[0].items() if k != "params"}
+
+    def _vshape(self):
+        t = self.table
+        return (t.shape[0],) if self.param_groups[0]["rowwise"] else t.shape
+
+    def _new_state(self):
+        g = self.param_groups[0]
+        t = self.table
+        st = new_state(t.shape, _plan.state_dtype(t.dtype, op="sparse_adam"), g["amsgrad"],
+                       self._vshape())
+        if g["per_row_step"]:
+            st["row_step"] = np.zeros(t.shape[0], np.int64)
+        return st
+
+    def _check_state(self, st):
+        t = self.table
+        sdt = check_buffer("exp_avg", st["exp_avg"])
+        _plan.KERNELS.get("sparse_adam", t.dtype, t.dtype, sdt, ("table", "grad", "exp_avg"))
+        if st["exp_avg"].shape != t.shape:
+            raise ValueError(f"exp_avg must have shape {t.shape}, got {st['exp_avg'].shape}")
+        for key in ("exp_avg_sq", "max_exp_avg_sq"):
+            if key in st:
+                same_dtype(key, check_buffer(key, st[key]), "exp_avg", sdt)
+                if st[key].shape != self._vshape():
+                    raise ValueError(f"{key} must have shape {self._vshape()}, got "
+                                     f"{st[key].shape}")
+        if "row_step" in st:
+            F.check_row_step(st["row_step"], t.shape[0])
+
+    # -- the step -----------------------------------------------------------
+    def step(self, indices, grad_rows):
+        """Apply one update for the rows ``indices`` with gradients ``grad_rows``.
+
+        The global step is incremented even when the batch is empty (torch
+        does the same). Everything is validated before the state or the
+        step counter change.
+        """
+        g = self.param_groups[0]
+        st = self.state if self.state else self._new_state()
+        t = st["step"] + 1
+        F.sparse_adam_step(self.table, indices, grad_rows, st["exp_avg"], st["exp_avg_sq"],
+                         step=t, lr=g["lr"], betas=g["betas"], eps=g["eps"],
+                         weight_decay=g["weight_decay"],
+                         decoupled_weight_decay=g["decoupled_weight_decay"],
+                         amsgrad=g["amsgrad"], max_exp_avg_sq=st.get("max_exp_avg_sq"),
+                         maximize=g["maximize"], row_step=st.get("row_step"),
+                         n_threads=self.n_threads)
+        st["step"] = t
+        self.state = st
+
+    def zero_grad(self):  # numpy grads are owned by the caller
+        pass
+
+    # -- checkpoints --------------------------------------------------------
+    def state_dict(self):
+        """torch's layout; arrays are the live buffers (copy or ``fastadam.save`` them)."""
+        g = self.param_groups[0]
+        gd = {"lr": g["lr"], "betas": g["betas"], "eps": g["eps"], "maximize": g["maximize"]}
+        if any(g[k] != d for k, d in self._EXT):
+            gd.update({k: g[k] for k, _ in self._EXT})
+        gd["params"] = [0]
+        state = {0: dict(self.state)} if self.state else {}
+        return {"state": state, "param_groups": [gd]}
+
+    def load_state_dict(self, state_dict):
+        """Load from :meth:`state_dict`, :func:`fastadam.load` or a
+        ``torch.optim.SparseAdam`` state dict (tensors accepted).
+
+        Hyperparameters and options are taken from the dict (missing
+        extension keys mean "off"); arrays are copied into fresh buffers
+        unless this optimizer was given its own buffers (then copied into
+        them, e.g. into memmaps).
+        """
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or len(groups[0].get("params", [0])) != 1:
+            raise ValueError("a SparseAdam state dict must have one group with one param")
+        sg = groups[0]
+        new_group = {"lr": to_scalar(sg["lr"]), "betas": tuple(to_scalar(b) for b in sg["betas"]),
+                     "eps": to_scalar(sg["eps"]), "maximize": bool(sg.get("maximize", False))}
+        for k, d in self._EXT:
+            new_group[k] = type(d)(sg.get(k, d))
+        check_hyper(new_group["lr"], new_group["betas"], new_group["eps"],
+                    new_group["weight_decay"])
+        pid = sg.get("params", [0])[0]
+        states = state_dict["state"]
+        src = states.get(pid, states.get(str(pid))) if states else None
+        old_group, old_state = self.param_groups[0], self.state
+        self.param_groups = [new_group]
+        if src is None:
+            self.state = {}
+            return
+        try:
+            step = check_state_step(src.get("step", 0), "state 'step'")
+            need = ["exp_avg", "exp_avg_sq"]
+            if new_group["amsgrad"]:
+                need.append("max_exp_avg_sq")
+            if new_group["per_row_step"]:
+                need.append("row_step")
+            arrays = {}
+            for key in need:          # validate everything before copying anything
+                if key not in src:
+                    raise ValueError(f"state dict lacks '{key}' needed by the options")
+                arr = to_numpy(src[key])
+                want_shape = ((self.table.shape[0],) if key == "row_step"
+                              else self.table.shape if key == "exp_avg" else self._vshape())
+                if arr.shape != want_shape:
+                    raise ValueError(f"state '{key}' has shape {arr.shape}, expected "
+                                     f"{want_shape}")
+                arrays[key] = arr
+        except Exception:
+            self.param_groups = [old_group]
+            raise
+        ns = {"step": step}
+        for key, arr in arrays.items():
+            want_dt = (np.dtype(np.int64) if key == "row_step"
+                       else _plan.state_dtype(self.table.dtype, op="sparse_adam"))
+            dst = old_state.get(key) if old_state else None
+            if (dst is not None and dst.shape == arr.shape and dst.dtype == want_dt
+                    and dst.flags.writeable and dst.flags.c_contiguous
+                    and not np.may_share_memory(dst, arr)):
+                np.copyto(dst, arr, casting="unsafe")   # keep user buffers (memmaps)
+                ns[key] = dst
+            else:
+                ns[key] = np.array(arr, dtype=want_dt, order="C", copy=True)
+        self.state = ns
+
+
 def _to_number(x):
     x = to_scalar(x)
     if isinstance(x, float) and x.is_integer():
@@ -257,7 +486,7 @@ def save(state_dict, path):
             if k == "step":
                 meta["step"] = int(_to_number(v))
             else:
-                arrays[f"state/{i}/{k}"] = _to_numpy(v)
+                arrays[f"state/{i}/{k}"] = to_numpy(v)
                 meta.setdefault("arrays", []).append(k)
         state_meta[str(i)] = meta
     header = {"state": state_meta, "param_groups": state_dict["param_groups"]}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fastadam
-from fastadam import _dispatch
+from fastadam import _dispatch, _plan
 
 DTYPES = [np.float32, np.float64]
 SIZES = [0, 1, 7, 15, 16, 17, 1000, 2**20 + 3]
@@ -79,3 +79,12 @@ def dtype(request):
 def restore_threads():
     yield
     fastadam.set_num_threads(None)
+
+
+@pytest.fixture
+def use_isa(monkeypatch):
+    """``use_isa(isa)``: run the functional API (validation, argument builder
+    and all) on the kernels of ISA module ``isa`` until the test ends."""
+    def use(isa):
+        monkeypatch.setattr(_plan, "KERNELS", _plan.Kernels(isa_module(isa)))
+    return use

@@ -1,32 +1,23 @@
 """Dense Adam/AdamW kernels vs the numpy reference, across threads, builds and torch."""
-import itertools
-
 import numpy as np
 import pytest
 
 import fastadam as fa
 from fastadam import _reference as ref
-from fastadam.functional import adam_scalars
 
-from conftest import (DTYPES, SIZES, THREADS, assert_bitwise, assert_close, copies,
-                      importable_isas, isa_module, make_state)
+from _options import DENSE, PLAIN, Dense
+from conftest import (SIZES, THREADS, assert_bitwise, assert_close, copies, importable_isas,
+                      isa_module, make_state)
 
-# (weight_decay, decoupled, amsgrad, maximize, grad_scale)
-OPTIONS = list(itertools.product([0.0, 0.05], [False, True], [False, True], [False, True],
-                                 [None, 128.0]))
-OPTIONS = [o for o in OPTIONS if not (o[0] == 0.0 and o[1])]  # decoupled needs wd to matter
+OPTIONS = DENSE
 
 
 def _opt_id(o):
-    wd, dec, ams, mx, gs = o
-    return (("adamw" if dec else ("l2" if wd else "plain")) + ("-ams" if ams else "")
-            + ("-max" if mx else "") + ("-gs" if gs else ""))
+    return o.id
 
 
 def _kw(o, lr=1e-2):
-    wd, dec, ams, mx, gs = o
-    return dict(lr=lr, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd,
-                decoupled_weight_decay=dec, amsgrad=ams, maximize=mx, grad_scale=gs)
+    return o.kwargs(lr=lr)
 
 
 def _steps(bufs, kw, nsteps, n_threads, seed=1):
@@ -49,7 +40,7 @@ def _ref_steps(bufs, kw, nsteps, seed=1):
 # Every option combination at every small size; the large size (2**20 + 3)
 # with plain Adam and the options combined with grad_scale (keeps CI fast).
 CASES = [(n, opt) for n in SIZES for opt in OPTIONS
-         if n != SIZES[-1] or opt == OPTIONS[0] or (not opt[3] and opt[4] is not None)]
+         if n != SIZES[-1] or opt == PLAIN or (not opt.maximize and opt.grad_scale is not None)]
 
 
 @pytest.mark.parametrize("n_threads", THREADS)
@@ -61,8 +52,8 @@ def test_matches_reference(dtype, n, n_threads, opt):
     _steps(bufs, kw, 3, n_threads)
     _ref_steps(expect, kw, 3)
     p, _, m, v, vm = bufs
-    assert_close([p, m, v, vm if opt[2] else None], [expect[0], expect[2], expect[3],
-                                                     expect[4] if opt[2] else None], dtype)
+    assert_close([p, m, v, vm if opt.amsgrad else None],
+                 [expect[0], expect[2], expect[3], expect[4] if opt.amsgrad else None], dtype)
     if n:
         assert not np.array_equal(p, make_state(n, dtype)[0])  # it did move
 
@@ -78,32 +69,18 @@ def test_threads_bitwise(dtype, opt):
     assert_bitwise(a, b, "1 vs 2 threads")
 
 
-def _kernel_args(bufs, kw, step):
-    p, g, m, v, vm = bufs
-    b1, b2 = kw["betas"]
-    nss, bc2s = adam_scalars(step, kw["lr"], b1, b2)
-    wd = kw["weight_decay"]
-    dec = kw["decoupled_weight_decay"]
-    return (p, g, m, v, vm if kw["amsgrad"] else None, nss, bc2s,
-            -1.0 if kw["maximize"] else 1.0, kw["grad_scale"] or 1.0,
-            1.0 - kw["lr"] * wd if dec else 1.0, wd, 1.0 - b1, 1.0 - b2, b2, kw["eps"],
-            (wd != 0.0) and not dec, kw["grad_scale"] is not None)
-
-
 @pytest.mark.parametrize("n", [17, 1000, 2**17 + 5])
 @pytest.mark.parametrize("opt", OPTIONS, ids=_opt_id)
-def test_isa_modules_bitwise(dtype, n, opt):
+def test_isa_modules_bitwise(dtype, n, opt, use_isa):
     """Every ISA module gives the same bits as the baseline (and for 1 and 2 threads)."""
     isas = importable_isas()
     kw = _kw(opt)
     results = []
     for isa in isas:
-        K = isa_module(isa)
-        fn = K.adam32 if dtype == np.float32 else K.adam64
+        use_isa(isa)
         for nt in (1, 2):
             bufs = make_state(n, dtype)
-            for t in (1, 2):
-                fn(*_kernel_args(bufs, kw, t), nt)
+            _steps(bufs, kw, 2, nt)
             results.append((isa, nt, bufs))
     for isa, nt, bufs in results[1:]:
         assert_bitwise(bufs, results[0][2], f"{isa} x{nt} vs {results[0][0]}")
@@ -113,18 +90,18 @@ def test_multi_array_equals_single_calls(dtype):
     sizes = [0, 1, 15, 16, 17, 1000, 70000, 3, 2**17 + 1]
     rng = np.random.default_rng(5)
     steps = [int(s) for s in rng.integers(1, 50, len(sizes))]
-    for opt in [OPTIONS[0], (0.05, False, True, True, 8.0), (0.05, True, False, False, None)]:
+    for opt in [PLAIN, Dense(0.05, False, True, True, 8.0), Dense(0.05, True)]:
         kw = _kw(opt)
         single = [make_state(n, dtype, seed=i) for i, n in enumerate(sizes)]
         multi = [copies(b) for b in single]
         for b, s in zip(single, steps):
             fa.adam_step(b[0], b[1], b[2], b[3], step=s,
-                         max_exp_avg_sq=b[4] if opt[2] else None, n_threads=1, **kw)
+                         max_exp_avg_sq=b[4] if opt.amsgrad else None, n_threads=1, **kw)
         for nt in (1, 2):
             bufs = [copies(b) for b in multi]
             fa.functional.adam([b[0] for b in bufs], [b[1] for b in bufs],
                                [b[2] for b in bufs], [b[3] for b in bufs], steps=steps,
-                               max_exp_avg_sqs=[b[4] for b in bufs] if opt[2] else None,
+                               max_exp_avg_sqs=[b[4] for b in bufs] if opt.amsgrad else None,
                                n_threads=nt, **kw)
             for b, e in zip(bufs, single):
                 assert_bitwise(b, e, f"multi x{nt} vs single")
@@ -158,7 +135,7 @@ def test_adamw_defaults_and_example():
     np.testing.assert_allclose(p, 0.999 - 0.1 / (1 + 1e-8), rtol=1e-12)
 
 
-def test_grad_norm(dtype):
+def test_grad_norm(dtype, use_isa):
     gs = [make_state(n, dtype, seed=n)[1] for n in (0, 1, 17, 70000, 2**20 + 3)]
     expect = ref.grad_norm(gs)
     got1 = fa.grad_norm(gs, n_threads=1)
@@ -166,11 +143,8 @@ def test_grad_norm(dtype):
     assert got1 == got2  # bitwise for any thread count
     assert got1 == pytest.approx(expect, rel=1e-12)
     for isa in importable_isas():
-        K = isa_module(isa)
-        fn = K.sumsq_multi32 if dtype == np.float32 else K.sumsq_multi64
-        offsets = np.concatenate([[0], np.cumsum([g.size for g in gs])]).astype(np.int64)
-        ptrs = np.array([g.ctypes.data for g in gs], dtype=np.int64)
-        assert np.sqrt(fn(ptrs, offsets, 2)) == got1, isa
+        use_isa(isa)
+        assert fa.grad_norm(gs, n_threads=2) == got1, isa
     bad = gs[3].copy()
     bad[123] = np.inf
     assert fa.grad_norm([gs[1], bad]) == np.inf
@@ -192,7 +166,7 @@ def test_empty_is_noop(dtype):
 
 
 @pytest.mark.parametrize("step", [10**5, 10**7])
-def test_long_run_variant_bc2_sqrt_is_one(dtype, step):
+def test_long_run_variant_bc2_sqrt_is_one(dtype, step, use_isa):
     """Once fl(sqrt(1 - b2**t)) == 1 a division-free variant runs: same bits."""
     b2 = 0.999
     assert np.asarray(np.sqrt(1 - b2 ** step), dtype) == 1  # the special path is taken
@@ -206,30 +180,26 @@ def test_long_run_variant_bc2_sqrt_is_one(dtype, step):
     assert_close([a[0], a[2], a[3], a[4]], [e[0], e[2], e[3], e[4]], dtype)
     results = []
     for isa in importable_isas():
-        K = isa_module(isa)
-        fn = K.adam32 if dtype == np.float32 else K.adam64
+        use_isa(isa)
         b = make_state(1000, dtype)
-        fn(*_kernel_args(b, kw, step), 1)
+        fa.adam_step(b[0], b[1], b[2], b[3], step=step, max_exp_avg_sq=b[4], n_threads=1,
+                     **{k: v for k, v in kw.items() if k != "max_exp_avg_sq"})
         results.append(b)
     for b in results:
         assert_bitwise(b, a)
 
 
-def test_multi_array_kernel_bitwise_across_isa_modules(dtype):
+def test_multi_array_kernel_bitwise_across_isa_modules(dtype, use_isa):
     sizes = [1, 17, 5000, 2**17 + 3]
     results = []
     for isa in importable_isas():
-        K = isa_module(isa)
-        fn = K.adam_multi32 if dtype == np.float32 else K.adam_multi64
+        use_isa(isa)
         for nt in (1, 2):
             bufs = [make_state(n, dtype, seed=n) for n in sizes]
-            ptrs = [np.array([b[j].ctypes.data for b in bufs], dtype=np.int64) for j in range(5)]
-            offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            scal = [adam_scalars(s, 1e-2, 0.9, 0.999) for s in (1, 2, 3, 40)]
-            nss = np.array([s[0] for s in scal])
-            bc2s = np.array([s[1] for s in scal])
-            fn(*ptrs[:4], ptrs[4], offsets, nss, bc2s, -1.0, 4.0, 1.0, 0.01, 0.1, 0.001,
-               0.999, 1e-8, True, True, nt)
+            fa.functional.adam(*([b[j] for b in bufs] for j in range(4)), steps=[1, 2, 3, 40],
+                               lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, amsgrad=True,
+                               max_exp_avg_sqs=[b[4] for b in bufs], maximize=True,
+                               grad_scale=4.0, n_threads=nt)
             results.append((isa, nt, bufs))
     for isa, nt, bufs in results[1:]:
         for b, e in zip(bufs, results[0][2]):

@@ -1,4 +1,4 @@
-"""Sparse embedding path (issue 4): sparse_adam_step and SparseAdam."""
+"""Sparse embedding path: sparse_adam_step and SparseAdam against the numpy oracle."""
 import os
 import warnings
 
@@ -9,27 +9,13 @@ import fastadam as fa
 from fastadam import _reference as R
 from fastadam._dispatch import kernels as K
 
+from _options import SPARSE
 from _sparse_helpers import assert_bitwise, copies, make_batch, make_sparse_state
 
 DTYPES = [np.float32, np.float64]
 THREADS = [1, 2]
 
-# option sets: (kwargs for the step, rowwise, amsgrad, row_step)
-OPTIONS = {
-    "torch": ({}, False, False, False),
-    "maximize": ({"maximize": True}, False, False, False),
-    "l2": ({"weight_decay": 0.1}, False, False, False),
-    "decoupled": ({"weight_decay": 0.1, "decoupled_weight_decay": True}, False, False, False),
-    "amsgrad": ({"amsgrad": True}, False, False, False),
-    "rowwise": ({}, True, False, False),
-    "rowwise_ams_l2_max": ({"amsgrad": True, "weight_decay": 0.05, "maximize": True},
-                           True, True, False),
-    "row_step": ({}, False, False, True),
-    "row_step_rowwise_decoupled": ({"weight_decay": 0.2, "decoupled_weight_decay": True},
-                                   True, False, True),
-    "everything": ({"amsgrad": True, "weight_decay": 0.01, "maximize": True},
-                   False, True, True),
-}
+OPTIONS = SPARSE
 
 
 def _run(fn, bufs, idx, grads, opts, **kw):
@@ -42,9 +28,8 @@ def _run(fn, bufs, idx, grads, opts, **kw):
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("dim", [1, 17, 64])
 def test_matches_oracle_bitwise(dtype, n_threads, option, dim):
-    opts, rowwise, ams, rstep = OPTIONS[option]
-    ams = ams or opts.get("amsgrad", False)
-    opts = dict(opts, amsgrad=ams)
+    o = OPTIONS[option]
+    opts, rowwise, ams, rstep = dict(o.kwargs, amsgrad=o.amsgrad), o.rowwise, o.amsgrad, o.row_step
     n_rows, k = 400, 700          # many duplicates; dim 64: 2 threads, one hash partition each
     bufs = make_sparse_state(n_rows, dim, dtype, rowwise=rowwise, amsgrad=ams, row_step=rstep)
     want = copies(bufs)
@@ -61,9 +46,8 @@ def test_matches_oracle_bitwise(dtype, n_threads, option, dim):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("option", ["torch", "rowwise_ams_l2_max", "everything"])
 def test_thread_counts_bitwise_identical(dtype, option):
-    opts, rowwise, ams, rstep = OPTIONS[option]
-    ams = ams or opts.get("amsgrad", False)
-    opts = dict(opts, amsgrad=ams)
+    o = OPTIONS[option]
+    opts, rowwise, ams, rstep = dict(o.kwargs, amsgrad=o.amsgrad), o.rowwise, o.amsgrad, o.row_step
     n_rows, dim, k = 5000, 40, 20000
     rng = np.random.default_rng(3)
     idx = (rng.zipf(1.2, k) % n_rows).astype(np.int64)      # hot rows repeated a lot
@@ -121,9 +105,8 @@ def test_repeated_rows_in_several_accumulator_blocks(dtype, n_threads, option):
     """Wide rows: the merged rows of repeated ids are summed and updated in
     blocks of 1 MiB of accumulator rows per partition (32 float32 / 16 float64
     rows of 8192 here); 160 repeated rows take several blocks per partition."""
-    opts, rowwise, ams, rstep = OPTIONS[option]
-    ams = ams or opts.get("amsgrad", False)
-    opts = dict(opts, amsgrad=ams)
+    o = OPTIONS[option]
+    opts, rowwise, ams, rstep = dict(o.kwargs, amsgrad=o.amsgrad), o.rowwise, o.amsgrad, o.row_step
     n_rows, dim = 200, 8192
     assert (1 << 20) // (dim * np.dtype(dtype).itemsize) * 2 * n_threads < 160
     rng = np.random.default_rng(11)
@@ -578,19 +561,14 @@ def test_first_bad_position_reported_with_parallel_merge(n_threads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_isa_module_bitwise_identical(dtype, monkeypatch):
-    import importlib
-
-    from fastadam import _dispatch, sparse
+def test_every_isa_module_bitwise_identical(dtype, use_isa):
+    from fastadam import _dispatch
     isas = _dispatch.available_modules()
     n_rows, dim, k = 500, 37, 3000
     idx, g = make_batch(n_rows, dim, k, dtype, seed=9)
     results = []
     for isa in isas:
-        mod = importlib.import_module(f"fastadam._kernels_{isa}")
-        monkeypatch.setitem(sparse._SPARSE, np.dtype(dtype),
-                            getattr(mod, "sparse_adam32" if dtype == np.float32
-                                    else "sparse_adam64"))
+        use_isa(isa)
         for rowwise in (False, True):
             bufs = make_sparse_state(n_rows, dim, dtype, rowwise=rowwise, amsgrad=True,
                                      row_step=rowwise)

@@ -1,0 +1,124 @@
+"""Design: the kernel interface, declared once (the contract of layer 1).
+
+Everything a kernel receives besides its buffers is declared in the tables
+below, and nowhere else:
+
+* ``SCALARS`` -- the per-call scalars, all Python floats (double). The
+  template (``_kernels.pyx.tp``) generates from this table the C struct
+  ``fa_args`` (one ``double`` field per entry, in this order), the code that
+  fills it from the ``args`` tuple every kernel takes, and the tuple
+  ``ARGS`` that each compiled module exports. ``fastadam._plan`` builds the
+  tuple by name from the same table, so a swapped ``c1``/``c2`` cannot pass
+  silently. Each kernel rounds the doubles it uses once to its compute type.
+* ``FLAGS`` -- the per-call switches, bits of the ``flags`` int.
+* ``DTYPES`` -- the element types a buffer may have (numpy name -> C type).
+* ``COMBOS`` -- the (param, grad, state) dtype combinations compiled, each
+  with a suffix; ``KERNELS`` -- ``(op, param dtype, grad dtype, state
+  dtype) -> name`` for every op and combination. ``fastadam._plan``
+  selects a kernel by that key with one dict lookup; validation asks the
+  same table which combinations exist. The template generates one function
+  per entry, with one explicit name per combination (``adam32``,
+  ``adam64``, ...).
+* ``SIGNATURES`` -- the buffers and trailing arguments of each op, in order;
+  the template writes the compiled signatures and the type stub from it, and
+  a test checks both against the compiled modules.
+
+This module is plain Python with no imports, so ``setup.py`` reads it while
+rendering the templates, before anything is built. See CONTRIBUTING.md,
+"Adding a kernel variant or a dtype".
+"""
+
+# name -> meaning. Order = field order of ``fa_args`` = position in ``args``.
+SCALARS = (
+    ("sign", "-1.0 if maximize else 1.0 (exact in every type)"),
+    ("grad_scale", "the gradient is divided by it when flag 'scaled' is set"),
+    ("decay", "fl(1 - lr * weight_decay) for decoupled decay, else 1.0"),
+    ("weight_decay", "L2 coefficient, added as g + p * wd when flag 'l2' is set"),
+    ("c1", "1 - beta1"),
+    ("c2", "1 - beta2"),
+    ("beta1", "beta1 (sparse per-row steps)"),
+    ("beta2", "beta2 (dense: v * beta2; sparse per-row steps)"),
+    ("eps", "eps"),
+    ("lr", "lr (sparse per-row steps)"),
+    ("neg_step_size", "dense: -lr / bc1; sparse: -lr * sqrt(bc2) / bc1 (step-dependent)"),
+    ("bc2_sqrt", "dense: sqrt(1 - beta2**step) (step-dependent)"),
+)
+# The step-dependent scalars: they come LAST in SCALARS, so a caller can cache
+# the rest of a param group's tuple and append these two per step.
+STEP_SCALARS = ("neg_step_size", "bc2_sqrt")
+
+# name -> (bit, meaning)
+FLAGS = (
+    ("l2", 1, "Adam's L2 weight decay: g = g + p * weight_decay"),
+    ("scaled", 2, "loss scaling: g = g / grad_scale"),
+    ("rowwise", 4, "sparse: one second moment per table row"),
+)
+
+# numpy dtype name -> C type of a buffer element
+DTYPES = {
+    "float32": "float",
+    "float64": "double",
+}
+
+# compute C type -> (suffix, fma, sqrt, largest finite value, macro that is 1
+# where the compiler has hardware fma for it)
+C_MATH = {
+    "float": ("32", "fmaf", "sqrtf", "FLT_MAX", "FA_FAST_FMA32"),
+    "double": ("64", "fma", "sqrt", "DBL_MAX", "FA_FAST_FMA64"),
+}
+
+# The dtype combinations the kernels are compiled for: suffix -> (param,
+# grad, state) dtype. Arithmetic is float64 for float64 params, else float32.
+COMBOS = {
+    "32": ("float32", "float32", "float32"),
+    "64": ("float64", "float64", "float64"),
+}
+
+# The ops every combination has (one compiled function each).
+OPS = ("adam", "adam_multi", "sparse_adam")
+
+# (op, param dtype, grad dtype, state dtype) -> compiled name, e.g. "adam32"
+KERNELS = {(op,) + combo: op + sfx for op in OPS for sfx, combo in COMBOS.items()}
+
+# The gradient-norm kernel, by gradient dtype.
+NORM_KERNELS = {"float32": "sumsq_multi32", "float64": "sumsq_multi64"}
+
+# op -> buffer arguments of the compiled function, in order; after them every
+# op takes TRAILING: ``args`` (tuple of SCALARS), ``flags`` (int of FLAGS),
+# ``n_threads`` (int).
+SIGNATURES = {
+    "adam": ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    "adam_multi": ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+                   "offsets", "neg_step_sizes", "bc2_sqrts"),
+    "sparse_adam": ("table", "indices", "grad_rows", "exp_avg", "exp_avg_sq",
+                    "max_exp_avg_sq", "row_step"),
+}
+TRAILING = ("args", "flags", "n_threads")
+
+SCALAR_NAMES = tuple(name for name, _ in SCALARS)
+FLAG_BITS = {name: bit for name, bit, _ in FLAGS}
+
+
+def compute_dtype(param_dtype):
+    """The arithmetic type of a combination: float64 for float64 params, else float32."""
+    return "float64" if param_dtype == "float64" else "float32"
+
+
+def combos():
+    """For the templates: ``(suffix, TP, TG, TS, TC)`` C types per combination."""
+    return [(sfx, DTYPES[p], DTYPES[g], DTYPES[s], DTYPES[compute_dtype(p)])
+            for sfx, (p, g, s) in COMBOS.items()]
+
+
+def compute_types():
+    """For the templates: ``(suffix, C type, fma, sqrt, largest, fast-fma macro)``."""
+    return [(m[0], c) + m[1:] for c, m in C_MATH.items()]
+
+
+def math_of(ctype):
+    """For the templates: ``compute_types()``'s entry of one C type."""
+    m = C_MATH[ctype]
+    return (m[0], ctype) + m[1:]
+
+
+assert SCALAR_NAMES[-len(STEP_SCALARS):] == STEP_SCALARS, "step scalars come last"

@@ -5,7 +5,7 @@ Layers: Cython kernels (one module per ISA level, chosen at import) <-
 (stateful numpy optimizers) and ``fastadam.torch`` (torch.optim drop-ins,
 imported lazily). ``fastadam._reference`` is the plain-numpy specification.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 from . import functional
 from ._config import show_config

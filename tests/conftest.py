@@ -79,3 +79,20 @@ def dtype(request):
 def restore_threads():
     yield
     fastadam.set_num_threads(None)
+
+
+# Markers (declared in pyproject.toml) applied by file name, so that
+# ``-m "not torch"``, ``-m "not slow"`` or ``-m bench`` select whole files.
+_FILE_MARKERS = {
+    "torch": ("test_torch", "test_parity_torch"),
+    "bench": ("test_bench",),
+    "slow": ("test_build", "test_bench"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        stem = item.path.stem
+        for marker, prefixes in _FILE_MARKERS.items():
+            if stem.startswith(prefixes):
+                item.add_marker(getattr(pytest.mark, marker))

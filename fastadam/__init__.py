@@ -5,12 +5,11 @@ Layers: Cython kernels (one module per ISA level, chosen at import) <-
 (stateful numpy optimizers) and ``fastadam.torch`` (torch.optim drop-ins,
 imported lazily). ``fastadam._reference`` is the plain-numpy specification.
 """
-from ._version import __version__
-
 from . import functional
 from ._config import show_config
 from ._dispatch import ISA as isa
 from ._threads import get_num_threads, set_num_threads
+from ._version import __version__
 from .functional import adam_step, adamw_step, grad_norm
 from .optim import Adam, AdamW, load, save
 

@@ -7,12 +7,11 @@ interface declared in ``fastadam._interface``) <- ``fastadam.functional``
 (torch.optim drop-ins, imported lazily). ``fastadam._reference`` is the
 plain-numpy specification; ``fastadam.bench`` the benchmark suite.
 """
-__version__ = "0.1.0"
-
 from . import functional
 from ._config import show_config
 from ._dispatch import ISA as isa
 from ._threads import get_num_threads, set_num_threads
+from ._version import __version__
 from .functional import adam_step, adamw_step, grad_norm, sparse_adam_step
 from .optim import Adam, AdamW, SparseAdam, load, save
 

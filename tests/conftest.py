@@ -88,3 +88,20 @@ def use_isa(monkeypatch):
     def use(isa):
         monkeypatch.setattr(_plan, "KERNELS", _plan.Kernels(isa_module(isa)))
     return use
+
+
+# Markers (declared in pyproject.toml) applied by file name, so that
+# ``-m "not torch"``, ``-m "not slow"`` or ``-m bench`` select whole files.
+_FILE_MARKERS = {
+    "torch": ("test_torch", "test_parity_torch"),
+    "bench": ("test_bench",),
+    "slow": ("test_build", "test_bench"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        stem = item.path.stem
+        for marker, prefixes in _FILE_MARKERS.items():
+            if stem.startswith(prefixes):
+                item.add_marker(getattr(pytest.mark, marker))

@@ -15,13 +15,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import cli, report, scenarios  # noqa: E402
+from fastadam.bench import cli, report, scenarios  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--no-progress",
+    proc = subprocess.run([sys.executable, "-m", "fastadam.bench", "--smoke", "--no-progress",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -72,7 +72,7 @@ def test_smoke_writes_markdown_and_plots(smoke):
 
 def test_help_and_list():
     for flag in ("--help", "--list"):
-        proc = subprocess.run([sys.executable, "-m", "bench", flag], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "fastadam.bench", flag], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "dense" in proc.stdout

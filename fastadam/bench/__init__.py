@@ -1,4 +1,4 @@
-"""fastadam's microbenchmark suite: ``python -m bench --help``.
+"""fastadam's microbenchmark suite: ``python -m fastadam.bench --help``.
 
 Peers run side by side in one process on the same buffers, interleaved
 (A B C, C B A, ...), with warm-up, medians and min/max over repeats. The

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench [--quick | --smoke] [filters] [--out DIR]``."""
+"""Command line: ``python -m fastadam.bench [--quick | --smoke] [filters] [--out DIR]``."""
 import argparse
 import math
 import os
@@ -20,10 +20,10 @@ modes:
   --smoke    seconds; proves the suite runs (CI). Never asserts timings.
 
 examples:
-  python -m bench --quick
-  python -m bench --scenario dense --dtype float32 --threads 1,2 --sizes 2**16,2**20
-  python -m bench --scenario many,overhead --peers fastadam,fastadam.Adam,torch-fused,deepspeed
-  python -m bench --scenario sparse --sparse 1000000x64x16384x1.1 --out /tmp/res
+  python -m fastadam.bench --quick
+  python -m fastadam.bench --scenario dense --dtype float32 --threads 1,2 --sizes 2**16,2**20
+  python -m fastadam.bench --scenario many,overhead --peers fastadam,fastadam.Adam,torch-fused,deepspeed
+  python -m fastadam.bench --scenario sparse --sparse 1000000x64x16384x1.1 --out /tmp/res
 """
 
 
@@ -75,7 +75,7 @@ def _csv(s):
 
 def build_parser():
     ap = argparse.ArgumentParser(
-        prog="python -m bench", description="fastadam microbenchmarks: peers side by side, "
+        prog="python -m fastadam.bench", description="fastadam microbenchmarks: peers side by side, "
         "interleaved, against the machine's measured memory bandwidth.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
@@ -252,7 +252,7 @@ def main(argv=None):
     meter = machine.CpuMeter()
     os.makedirs(run.out, exist_ok=True)
     info = machine.describe()
-    cmd = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python -m fastadam.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"meta": {"command": cmd.strip(), "mode": run.mode, "machine": info,
                        "date_utc": info["date_utc"], "loadavg_start": _loadavg(),
                        "settings": {k: v for k, v in vars(run).items()

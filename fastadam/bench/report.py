@@ -362,7 +362,8 @@ def tables(result):
                            + (f", {by[i]['vs_baseline']:.2f}x" if "vs_baseline" in by[i] else "")
                            + ")" if i in by else "-" for i in impls])
         chosen = next((r["impl"] for r in isa if r.get("chosen")), "?")
-        out.append((f"ISA modules (kernel called directly; chosen at import: {chosen}); "
+        out.append((f"ISA modules (fastadam.adam_step, one process per module with FASTADAM_ISA; "
+                    f"chosen at import: {chosen}); "
                     "time (ns/elem, speedup vs baseline)",
                     _table(["dtype", "threads", "elements"] + impls, rows)))
     # threshold

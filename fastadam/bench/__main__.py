@@ -1,3 +1,4 @@
+"""Design: ``python -m fastadam.bench`` runs ``cli.main`` (see ``cli``)."""
 import sys
 
 from .cli import main

@@ -1,4 +1,4 @@
-"""The implementations compared, each built over SHARED buffers.
+"""Design: the implementations compared, each built over SHARED buffers.
 
 Every peer of a dense case steps the same four numpy buffers (torch tensors
 are zero-copy views made with ``torch.from_numpy`` and the optimizers' state
@@ -12,6 +12,7 @@ import functools
 import io
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -123,13 +124,11 @@ def threads(n):
         prev_fa = fa._threads._user_threads
         fa.set_num_threads(n)
         stack.callback(fa.set_num_threads, prev_fa)
-        try:
-            import torch
+        torch = sys.modules.get("torch")  # only when in use (ISA workers never import it)
+        if torch is not None:
             prev = torch.get_num_threads()
             torch.set_num_threads(n)
             stack.callback(torch.set_num_threads, prev)
-        except ImportError:
-            pass
         yield
 
 
@@ -163,6 +162,7 @@ class Dense:
             self.m.append(np.zeros(shp, self.dtype))
             self.v.append(np.zeros(shp, self.dtype))
         self.n = sum(x.size for x in self.p)
+        self.as_params = False  # torch scenario: nn.Parameter views, as a model has
         self._tensors = None
 
     @property
@@ -174,6 +174,8 @@ class Dense:
         if self._tensors is None:
             torch = torch_mod()
             ps = [torch.from_numpy(x) for x in self.p]
+            if self.as_params:
+                ps = [torch.nn.Parameter(x) for x in ps]
             for tp, g in zip(ps, self.g):
                 tp.grad = torch.from_numpy(g)
             self._tensors = (ps, [torch.from_numpy(x) for x in self.m],
@@ -229,6 +231,22 @@ def _fastadam_fn(case):
             state["step"] += 1
             ff(case.p, case.g, case.m, case.v, steps=state["step"], lr=LR, n_threads=nt)
     return step
+
+
+def _fastadam_plan(case):
+    """``fastadam.functional.run`` of a plan made once by ``plan_adam``: the
+    native call without the per-call validation (the floor under any wrapper;
+    the step count is frozen in the plan)."""
+    fa = fastadam_mod()
+    plan_fn = getattr(fa.functional, "plan_adam", None)
+    if plan_fn is None:
+        raise Skip("fastadam.functional.plan_adam is not in this build")
+    kw = {"weight_decay": WD_ADAMW, "decoupled_weight_decay": True} \
+        if case.variant == "adamw" else {}
+    plan = plan_fn(case.p, case.g, case.m, case.v, steps=10, lr=LR, n_threads=case.threads,
+                   **kw)
+    run = fa.functional.run
+    return lambda: run(plan)
 
 
 def _fastadam_optim(case):
@@ -295,6 +313,8 @@ def _reference(case, max_n=2**22):
 # name -> (factory, short description)
 DENSE = {
     "fastadam": (_fastadam_fn, "fastadam.adam_step (lists: fastadam.functional.adam)"),
+    "fastadam-plan": (_fastadam_plan, "fastadam.functional.run(plan_adam(...)): validated "
+                      "once, the native call alone (floor)"),
     "fastadam.Adam": (_fastadam_optim, "fastadam.Adam(params).step(grads)"),
     "fastadam.torch": (_fastadam_torch, "fastadam.torch.Adam over torch tensors"),
     "torch": (_torch_peer("single"), "torch.optim.Adam(foreach=False)"),
@@ -303,7 +323,7 @@ DENSE = {
     "deepspeed": (_deepspeed, "deepspeed DeepSpeedCPUAdam"),
     "numpy-ref": (_reference, "fastadam._reference (plain numpy)"),
 }
-OURS = ("fastadam", "fastadam.Adam", "fastadam.torch")
+OURS = ("fastadam", "fastadam-plan", "fastadam.Adam", "fastadam.torch")
 NOT_PEERS = ("numpy-ref",)  # shown, never the "best peer"
 
 

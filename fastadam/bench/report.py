@@ -1,42 +1,85 @@
-"""Output: speedups, terminal tables, Markdown, JSON, plots."""
+"""Design: output -- speedups, bounds, terminal tables, Markdown, JSON, plots.
+
+What: ``finalize`` gives every bandwidth-bound record its fraction of the
+run's ONE bound (per thread count; ``bound``) and every record its speedups
+over the peers of its group; ``tables`` turns records into tables (the same
+for the terminal and results.md); ``plots`` draws them with matplotlib.
+
+Method: nothing here measures. A fraction above 100% of the bound is never
+printed (``in cache`` or ``disturbed`` instead) and a speedup computed from a
+disturbed time is printed as ``disturbed``; noisy times and speedups from
+them carry a leading ``~`` (see ``bound``).
+"""
 import json
 import math
 import os
 
+from . import bound as B
 from . import peers as P
-from .scenarios import SPARSE_OURS
+from .machine import bound_for
 
 GROUP_KEYS = {
     "dense": ("variant", "dtype", "threads", "n"),
     "overhead": ("dtype", "threads"),
     "many": ("model", "dtype", "threads"),
+    "torch": ("model", "dtype", "threads"),
     "sparse": ("rows", "dim", "batch", "zipf", "dtype", "threads"),
+    "torch-sparse": ("workload", "dtype", "threads"),
 }
 
 
 def _is_ours(rec):
-    ours = SPARSE_OURS if rec["scenario"] == "sparse" else P.OURS + ("fastadam-kernel",)
-    return rec["impl"] in ours
+    return rec["impl"].startswith("fastadam")
 
 
-def fill_bounds(records):
-    """Cases too small to interleave probes (bound measured at the start of the
-    run) get the median of the bounds the large cases measured interleaved,
-    per thread count, when there are any: the start-of-run probe is one
-    moment; the interleaved ones span the run."""
-    import statistics
-    by_t = {}
+def apply_bound(records, bw, llc):
+    """Every record with a byte rate (``gbs``) gets the run's one bound for its
+    thread count, ``bound_status`` and, when ``ok``, ``pct_bound`` (see
+    :func:`bound.verdict`). Called again at the end of the run, so every
+    table, results.md and the plots use the final figure."""
     for r in records:
-        if r.get("bound_source") == "interleaved" and r["scenario"] in ("dense", "many"):
-            by_t.setdefault(r["threads"], set()).add(r["bound_gbs"])
-    for r in records:
-        if r.get("bound_source") == "start of run" and by_t.get(r.get("threads")):
-            b = statistics.median(sorted(by_t[r["threads"]]))
-            r["bound_start_gbs"] = r["bound_gbs"]
-            r.update(bound_gbs=b, bound_source="interleaved (run median)")
+        if "gbs" not in r:
+            continue
+        b = bound_for(bw, r.get("threads")) if bw else None
+        status, pct = B.verdict(r["gbs"], b, r.get("working_set"), llc)
+        r["bound_status"] = status
+        for k in ("pct_bound", "bound_gbs", "bound_ns_per_elem", "pct_bound_raw"):
+            r.pop(k, None)
+        if b:
+            r["bound_gbs"] = b
             if "bytes_per_elem" in r:
-                r.update(pct_bound=100.0 * r["gbs"] / b, bound_ns_per_elem=r["bytes_per_elem"] / b)
+                r["bound_ns_per_elem"] = r["bytes_per_elem"] / b
+            if "touched_bytes" in r:
+                r["bound_ms"] = r["touched_bytes"] / b / 1e6
+        if status == B.OK:
+            r["pct_bound"] = pct
+        elif pct is not None:
+            r["pct_bound_raw"] = pct  # kept in the JSON, never printed
     return records
+
+
+def finalize(records, bw, llc):
+    """:func:`apply_bound` then :func:`add_speedups`."""
+    apply_bound(records, bw, llc)
+    return add_speedups(records)
+
+
+def _bound_disturbed(d):
+    """The bound is still the start-of-run figure and that probe was disturbed."""
+    return bool(d.get("disturbed")) and d["bound_gbs"] <= d.get("start_gbs", d["bound_gbs"])
+
+
+def bound_line(bw):
+    """The one statement of the run's bound and how it was measured."""
+    if not bw:
+        return "bandwidth bound: not measured"
+    by = bw["by_threads"]
+    k = max(d.get("measurements", 1) for d in by.values())
+    figs = ", ".join(f"{by[t]['bound_gbs']:.1f} GB/s with {t} thread{'s' if int(t) > 1 else ''}"
+                     + (" (probe disturbed)" if _bound_disturbed(by[t]) else "")
+                     for t in sorted(by, key=int))
+    return (f"bandwidth bound: {figs}; "
+            + B.METHOD.format(mib=bw["bytes_per_array"] / 2**20, k=k))
 
 
 def add_speedups(records):
@@ -53,21 +96,46 @@ def add_speedups(records):
             continue
         best = min(peers, key=lambda r: r["median_s"])
         for r in rs:
+            for k in ("vs_best_peer", "vs", "vs_disturbed"):
+                r.pop(k, None)
             r["best_peer"] = best["impl"]
-            r["vs_best_peer"] = best["median_s"] / r["median_s"]
+            sp = B.speedup(r, best)
+            if sp is None:
+                r["vs_best_peer_status"] = B.DISTURBED
+            else:
+                r["vs_best_peer"] = sp
+                r.pop("vs_best_peer_status", None)
             for q in peers:
-                r.setdefault("vs", {})[q["impl"]] = q["median_s"] / r["median_s"]
+                sq = B.speedup(r, q)
+                if sq is None:
+                    r.setdefault("vs_disturbed", []).append(q["impl"])
+                else:
+                    r.setdefault("vs", {})[q["impl"]] = sq
     return records
 
 
-NOISY = 1.5  # max/min over the repeats above which a cell is marked "~"
+def _group_of(rec, recs):
+    keys = GROUP_KEYS.get(rec["scenario"], ())
+    return {r["impl"]: r for r in recs if r["scenario"] == rec["scenario"]
+            and all(r.get(k) == rec.get(k) for k in keys)}
 
 
-BUSY = 0.25  # CPUs used by other processes during a case above which it is marked "~"
+def fmt_best(r, recs, digits=2, name=True):
+    """The "vs best peer" cell: ``2.31x (torch-fused)``, ``~`` when noisy,
+    ``disturbed`` when either time is impossible."""
+    if "best_peer" not in r:
+        return "-"
+    peer = _group_of(r, recs).get(r["best_peer"])
+    txt = B.fmt_speedup(r, peer, digits)
+    return f"{txt} ({r['best_peer']})" if name and txt not in ("-", B.DISTURBED) else txt
 
 
-def disturbed(r):
-    return (r.get("spread") or 1.0) > NOISY or (r.get("others_cpu") or 0.0) > BUSY
+def fmt_vs(r, recs, peer_name, digits=2):
+    return B.fmt_speedup(r, _group_of(r, recs).get(peer_name), digits)
+
+
+NOISY, BUSY = B.NOISY, B.BUSY
+disturbed = B.noisy  # a noisy time: printed with "~"
 
 
 def fmt_r(r):
@@ -102,8 +170,8 @@ def _order(impls, preferred):
     return [i for i in preferred if i in impls] + sorted(i for i in impls if i not in preferred)
 
 
-IMPL_ORDER = ("fastadam", "fastadam-kernel", "fastadam.Adam", "fastadam.torch",
-              "fastadam-premerged", "fastadam.SparseAdam", "torch-fused", "torch-foreach",
+IMPL_ORDER = ("fastadam", "fastadam-plan", "fastadam.Adam", "fastadam.torch",
+              "fastadam-premerged", "fastadam-cycling", "fastadam.SparseAdam", "torch-fused", "torch-foreach",
               "torch", "deepspeed", "numpy-ref")
 
 
@@ -115,16 +183,15 @@ def headline(recs):
     cols = ["torch-fused", "torch-foreach", "torch", "deepspeed"]
     rows = []
 
-    def add(label, rs, ours="fastadam", unit=fmt_t):
+    def add(label, rs, ours="fastadam"):
         by = {r["impl"]: r for r in rs}
         f = by.get(ours)
         if not f:
             return
+        best = fmt_best(f, recs)
         rows.append([label, fmt_r(f)]
                     + [fmt_r(by[c]) if c in by else "-" for c in cols]
-                    + [f"**{f['vs_best_peer']:.2f}x** ({f['best_peer']})"
-                       if "vs_best_peer" in f else "-",
-                       f"{f['pct_bound']:.0f}%" if "pct_bound" in f else "-"])
+                    + [f"**{best}**" if best[:1].isdigit() else best, B.fmt_pct(f)])
 
     for r0 in [r for r in f32 if r["scenario"] == "overhead" and r["impl"] == "fastadam"]:
         add("16 elements (one call)", [r for r in f32 if r["scenario"] == "overhead"
@@ -135,14 +202,14 @@ def headline(recs):
         for n in (2**16, 2**20, 2**24, 2**26):
             rs = [r for r in dense if r["n"] == n and r["threads"] == t]
             add(f"2^{int(math.log2(n))} elements, {t} threads", rs)
-    many = [r for r in f32 if r["scenario"] == "many"]
-    if many:
-        t = max(r["threads"] for r in many)
-        for model in sorted({r["model"] for r in many}, key=lambda m: m != "gpt2-small"):
-            rs = [r for r in many if r["model"] == model and r["threads"] == t]
-            rr = rs[0]
-            add(f"{model} ({rr['arrays']} arrays), fastadam.Adam, {t} threads", rs,
-                ours="fastadam.Adam")
+    for scen, ours, what in (("many", "fastadam.Adam", "fastadam.Adam"),
+                             ("torch", "fastadam.torch", "fastadam.torch.AdamW")):
+        many = [r for r in f32 if r["scenario"] == scen]
+        if many:
+            t = max(r["threads"] for r in many)
+            for model in sorted({r["model"] for r in many}, key=lambda m: m != "gpt2-small"):
+                rs = [r for r in many if r["model"] == model and r["threads"] == t]
+                add(f"{model} ({rs[0]['arrays']} arrays), {what}, {t} threads", rs, ours=ours)
     sp = [r for r in f32 if r["scenario"] == "sparse"]
     if sp:
         t = max(r["threads"] for r in sp)
@@ -151,20 +218,34 @@ def headline(recs):
         rs = [r for r in sp if (r["rows"], r["dim"], r["batch"], r["zipf"]) == key
               and r["threads"] == t]
         by = {r["impl"]: r for r in rs}
-        if "torch" in by:  # torch SparseAdam goes in the torch column
-            rs = [dict(r, impl="torch-sparse") if r["impl"] == "torch" else r for r in rs]
-        f = next((r for r in rs if r["impl"] == "fastadam"), None)
+        f = by.get("fastadam")
         tor = by.get("torch")
         label = f"sparse {key[0]:,}x{key[1]}, {key[2]} ids Zipf({key[3]}), {t} threads"
-        rows.append([label, fmt_t(f["median_s"]) if f else "-",
-                     "-", "-", (fmt_t(tor["median_s"]) + " (SparseAdam)") if tor else "-", "-",
-                     f"**{f['vs_best_peer']:.1f}x** (torch SparseAdam)"
-                     if f and "vs_best_peer" in f else "-",
-                     f"{f['pct_bound']:.0f}%" if f and "pct_bound" in f else "-"])
+        vs = fmt_vs(f, recs, "torch", 1) if f and tor else "-"
+        rows.append([label, fmt_r(f) if f else "-",
+                     "-", "-", (fmt_r(tor) + " (SparseAdam)") if tor else "-", "-",
+                     (f"**{vs}** (torch SparseAdam)" if vs[:1].isdigit() else vs),
+                     B.fmt_pct(f) if f else "-"])
     if not rows:
         return None
     return _table(["case (float32)", "fastadam"] + cols
                   + ["fastadam vs best peer", "fastadam % of bandwidth bound"], rows)
+
+
+def _thr(t):
+    return f"{t} thread{'s' if t > 1 else ''}"
+
+
+def _bars(recs, rs, unit_ms=True):
+    """Rows impl | ms/step | min-max | ns/elem | % of bound | vs torch-fused | vs best peer."""
+    out = []
+    for r in sorted(rs, key=lambda r: r["median_s"]):
+        out.append([r["impl"], ("~" if disturbed(r) else "") + f"{r['median_s'] * 1e3:.3g}",
+                    f"{r['min_s'] * 1e3:.3g}-{r['max_s'] * 1e3:.3g}",
+                    f"{r['ns_per_elem']:.3f}", B.fmt_pct(r),
+                    fmt_vs(r, recs, "torch-fused") if not r["impl"] == "torch-fused" else "1x",
+                    fmt_best(r, recs, name=False)])
+    return out
 
 
 def tables(result):
@@ -177,16 +258,20 @@ def tables(result):
     bw = result.get("bandwidth")
     if bw:
         rows = []
+        probes = []
         for t, d in sorted(bw["by_threads"].items(), key=lambda kv: int(kv[0])):
             probes = [k for k, v in d.items() if isinstance(v, dict)]
             rows.append([t] + [f"{d[k]['median_gbs']:.1f} ({d[k]['min_gbs']:.1f}-"
                                f"{d[k]['max_gbs']:.1f})" for k in probes]
-                        + [f"**{d['bound_gbs']:.1f}** ({d['bound_probe']})",
+                        + [d.get("measurements", 1),
+                           f"**{d['bound_gbs']:.1f}**" + (" (disturbed)" if _bound_disturbed(d)
+                                                          else ""),
                            f"{28 / d['bound_gbs']:.3f}", f"{56 / d['bound_gbs']:.3f}"])
-        out.append((f"Memory bandwidth, GB/s (median (min-max); float32 arrays of "
-                    f"{bw['bytes_per_array'] / 2**20:.0f} MiB)",
-                    _table(["threads"] + probes + ["bound", "bound ns/elem fp32 (28 B)",
-                                                   "fp64 (56 B)"], rows)))
+        out.append((f"Memory bandwidth, GB/s: start-of-run probes (median (min-max)) and the "
+                    f"run's one bound ({B.METHOD.format(mib=bw['bytes_per_array'] / 2**20, k='k')})",
+                    _table(["threads"] + [f"{p} at start" for p in probes]
+                           + ["probe measurements (k)", "bound", "bound ns/elem fp32 (28 B)",
+                              "fp64 (56 B)"], rows)))
     # dense
     dense = [r for r in recs if r["scenario"] == "dense"]
     for key in sorted({(r["variant"], r["dtype"], r["threads"]) for r in dense}):
@@ -199,59 +284,72 @@ def tables(result):
             f = by.get("fastadam")
             row = [fmt_n(n)] + [fmt_r(by[i]) if i in by else "-" for i in impls]
             if f:
-                row += [f"{f['ns_per_elem']:.3g}", f"{f.get('pct_bound', float('nan')):.0f}%",
-                        f"{f['vs_best_peer']:.2f}x ({f['best_peer']})" if "vs_best_peer" in f
-                        else "-"]
+                row += [f"{f['ns_per_elem']:.3g}", B.fmt_pct(f), fmt_best(f, recs)]
             rows.append(row)
-        out.append((f"Dense {key[0]}, {key[1]}, {key[2]} thread{'s' if key[2] > 1 else ''}: "
-                    "time per step (median)",
+        out.append((f"Dense {key[0]}, {key[1]}, {_thr(key[2])}: time per step (median)",
                     _table(["elements"] + impls + ["fastadam ns/elem", "fastadam % of bound",
                                                    "fastadam vs best peer"], rows)))
     # overhead
     ov = [r for r in recs if r["scenario"] == "overhead"]
     for dt in sorted({r["dtype"] for r in ov}):
         rs = sorted([r for r in ov if r["dtype"] == dt], key=lambda r: r["median_s"])
-        rows = [[r["impl"], ("~" if disturbed(r) else "")
-                 + f"{r['median_s'] * 1e6:.2f}",
+        rows = [[r["impl"], ("~" if disturbed(r) else "") + f"{r['median_s'] * 1e6:.2f}",
                  f"{r['min_s'] * 1e6:.2f}-{r['max_s'] * 1e6:.2f}",
-                 f"{r['vs_best_peer']:.2f}x" if "vs_best_peer" in r else "-"] for r in rs]
+                 fmt_best(r, recs, name=False)] for r in rs]
         out.append((f"Per-call overhead, 16 elements, {dt}",
                     _table(["impl", "us/call", "min-max", "vs best peer"], rows)))
-    # many
-    many = [r for r in recs if r["scenario"] == "many"]
-    for key in sorted({(r["model"], r["dtype"], r["threads"]) for r in many}):
-        rs = [r for r in many if (r["model"], r["dtype"], r["threads"]) == key]
-        rs = sorted(rs, key=lambda r: r["median_s"])
-        rows = [[r["impl"], ("~" if disturbed(r) else "")
-                 + f"{r['ms_per_step']:.1f}",
-                 f"{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}", f"{r['ns_per_elem']:.3f}",
-                 f"{r.get('pct_bound', float('nan')):.0f}%",
-                 f"{r['vs'].get('torch-fused', float('nan')):.2f}x" if r.get("vs") else "-",
-                 f"{r['vs_best_peer']:.2f}x" if "vs_best_peer" in r else "-"] for r in rs]
-        r0 = rs[0]
-        out.append((f"Many arrays: {key[0]} ({r0['arrays']} arrays, {r0['n'] / 1e6:.1f}M "
-                    f"params), {key[1]}, {key[2]} thread{'s' if key[2] > 1 else ''}",
-                    _table(["impl", "ms/step", "min-max", "ns/elem", "% of bound",
-                            "speedup of this vs torch-fused", "vs best peer"], rows)))
+    # many arrays (numpy API) and torch level (opt.step())
+    for scen, what in (("many", "Many arrays"),
+                       ("torch", "Torch level, opt.step() of AdamW (torch.optim.AdamW vs "
+                                 "the fastadam.torch drop-in)")):
+        many = [r for r in recs if r["scenario"] == scen]
+        for key in sorted({(r["model"], r["dtype"], r["threads"]) for r in many}):
+            rs = [r for r in many if (r["model"], r["dtype"], r["threads"]) == key]
+            r0 = rs[0]
+            out.append((f"{what}: {key[0]} ({r0['arrays']} arrays, {r0['n'] / 1e6:.3g}M "
+                        f"params), {key[1]}, {_thr(key[2])}",
+                        _table(["impl", "ms/step", "min-max", "ns/elem", "% of bound",
+                                "speedup of this vs torch-fused", "vs best peer"],
+                               _bars(recs, rs))))
     # sparse
     sp = [r for r in recs if r["scenario"] == "sparse"]
     for key in sorted({tuple(r[k] for k in GROUP_KEYS["sparse"]) for r in sp}):
         rs = [r for r in sp if tuple(r[k] for k in GROUP_KEYS["sparse"]) == key]
         rs = sorted(rs, key=lambda r: r["median_s"])
-        rows = [[r["impl"], ("~" if disturbed(r) else "")
-                 + f"{r['ms_per_step']:.3f}",
+        rows = [[r["impl"], ("~" if disturbed(r) else "") + f"{r['ms_per_step']:.3f}",
                  f"{r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f}",
-                 f"{r['ns_per_touched_elem']:.2f}", f"{r.get('pct_bound', float('nan')):.0f}%",
-                 f"{r['vs']['torch']:.1f}x" if r.get("vs", {}).get("torch") else "-",
+                 f"{r['ns_per_touched_elem']:.2f}", B.fmt_pct(r),
+                 fmt_vs(r, recs, "torch", 1) if r["impl"] != "torch" else "1x",
+                 f"{r['vs_1_thread']:.2f}x" if "vs_1_thread" in r else "-",
                  f"{100 * r['merge_share']:.0f}%" if "merge_share" in r else ""] for r in rs]
         r0 = rs[0]
         out.append((f"Sparse: {key[0]:,} rows x {key[1]} dim, batch {key[2]} ids Zipf({key[3]}) "
-                    f"-> {r0['unique_rows']:,} unique rows, {key[4]}, {key[5]} "
-                    f"thread{'s' if key[5] > 1 else ''} (bound = touched rows' bytes "
-                    f"{r0['touched_bytes'] / 1e6:.1f} MB at bandwidth"
-                    + (f" = {r0['bound_ms']:.3f} ms)" if "bound_ms" in r0 else ")"),
+                    f"-> {r0['unique_rows']:,} unique rows, {key[4]}, {_thr(key[5])} "
+                    f"(bound = touched rows' bytes {r0['touched_bytes'] / 1e6:.1f} MB at the "
+                    "bandwidth bound" + (f" = {r0['bound_ms']:.3f} ms)" if "bound_ms" in r0
+                                         else ")"),
                     _table(["impl", "ms/step", "min-max", "ns/touched elem", "% of bound",
-                            "vs torch SparseAdam", "merge share"], rows)))
+                            "vs torch SparseAdam", "vs 1 thread", "merge share"], rows)))
+    # torch-level sparse
+    ts = [r for r in recs if r["scenario"] == "torch-sparse"]
+    for key in sorted({tuple(r[k] for k in GROUP_KEYS["torch-sparse"]) for r in ts}):
+        rs = sorted([r for r in ts if tuple(r[k] for k in GROUP_KEYS["torch-sparse"]) == key],
+                    key=lambda r: r["median_s"])
+        r0 = rs[0]
+        rows = [[r["impl"], ("~" if disturbed(r) else "") + f"{r['ms_per_step']:.3f}",
+                 f"{r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f}", B.fmt_pct(r),
+                 fmt_vs(r, recs, "torch") if r["impl"] != "torch" else "1x"] for r in rs]
+        if key[0] == "mixed":
+            title = (f"Torch level, mixed model: EmbeddingBag {r0['rows']:,}x{r0['dim']} "
+                     f"(sparse grads, {r0['batch']} ids -> {r0['unique_rows']:,} rows) + MLP "
+                     f"({r0['dense_params'] / 1e6:.2f}M dense params), {_thr(key[2])}; torch = "
+                     "Adam(fused) + SparseAdam, fastadam.torch = one Adam")
+        else:
+            title = (f"Torch level, skip-gram SparseAdam: table {r0['rows']:,}x{r0['dim']}, "
+                     f"{r0['batch']} ids/step Zipf({r0['zipf']}) -> {r0['unique_rows']:,} "
+                     f"rows, {_thr(key[2])}")
+        out.append((title, _table(["impl", "ms/step", "min-max", "% of bound",
+                                   "speedup vs torch"], rows)))
     # isa
     isa = [r for r in recs if r["scenario"] == "isa"]
     if isa:
@@ -264,7 +362,8 @@ def tables(result):
                            + (f", {by[i]['vs_baseline']:.2f}x" if "vs_baseline" in by[i] else "")
                            + ")" if i in by else "-" for i in impls])
         chosen = next((r["impl"] for r in isa if r.get("chosen")), "?")
-        out.append((f"ISA modules (kernel called directly; chosen at import: {chosen}); "
+        out.append((f"ISA modules (fastadam.adam_step, one process per module with FASTADAM_ISA; "
+                    f"chosen at import: {chosen}); "
                     "time (ns/elem, speedup vs baseline)",
                     _table(["dtype", "threads", "elements"] + impls, rows)))
     # threshold
@@ -331,9 +430,13 @@ def markdown(result):
         "Times are medians over interleaved repeats (min-max in results.json); "
         "\"vs best peer\" = best peer's median / fastadam's median (the numpy reference "
         "is not a peer); % of bound = achieved bytes/s (28 B/elem fp32, 56 fp64) over the "
-        "bandwidth measured in the same run. A time marked ~ was disturbed even after "
-        f"re-measuring: its repeats spread more than {NOISY}x (max/min) or other processes "
-        f"used more than {BUSY} CPUs meanwhile.",
+        "run's one bandwidth bound (" + bound_line(result.get("bandwidth")) + "). A time "
+        f"marked ~ was noisy even after re-measuring: its repeats spread more than {NOISY}x "
+        f"(max/min) or other processes used more than {BUSY} CPUs meanwhile; so is a "
+        "speedup computed from it. \"in cache\": the case fits in the last-level cache and "
+        "beat the memory bound (which does not apply to it). \"disturbed\": a case larger "
+        "than the cache read above the bound even after re-measuring -- impossible, so "
+        "neither its fraction nor its speedups are given.",
     ]
     if result.get("skipped"):
         head.append("Skipped: " + "; ".join(result["skipped"]))
@@ -379,7 +482,7 @@ def plots(result, outdir, log=print):
         bnd = next((r for r in rs if "bound_ns_per_elem" in r), None)
         if bnd:
             a1.axhline(bnd["bound_ns_per_elem"], color="k", ls="--", lw=1,
-                       label=f"bandwidth bound ({bnd['bound_gbs']:.0f} GB/s)")
+                       label=f"bandwidth bound ({bnd['bound_gbs']:.1f} GB/s)")
         a1.set_xscale("log", base=2)
         a1.set_yscale("log")
         a1.set_xlabel("elements")
@@ -391,8 +494,9 @@ def plots(result, outdir, log=print):
         for impl in _order({r["impl"] for r in rs}, IMPL_ORDER):
             if impl in P.OURS or impl in P.NOT_PEERS:
                 continue
-            pts = sorted((r["n"], r["median_s"] / fa[r["n"]]["median_s"])
-                         for r in rs if r["impl"] == impl and r["n"] in fa)
+            pts = sorted((r["n"], B.speedup(fa[r["n"]], r)) for r in rs
+                         if r["impl"] == impl and r["n"] in fa
+                         and B.speedup(fa[r["n"]], r) is not None)  # never a disturbed one
             if pts:
                 a2.plot(*zip(*pts), label=f"vs {impl}", **style.get(impl, {}))
         a2.axhline(1.0, color="k", lw=1)
@@ -409,8 +513,10 @@ def plots(result, outdir, log=print):
         plt.close(fig)
         files.append(path)
     # many arrays and sparse: bars of time per step
-    for scen, keys, unit, scale in (("many", ("model", "dtype", "threads"), "ms/step", 1e3),
-                                    ("sparse", GROUP_KEYS["sparse"], "ms/step", 1e3)):
+    for scen, keys, unit, scale in (("many", GROUP_KEYS["many"], "ms/step", 1e3),
+                                    ("torch", GROUP_KEYS["torch"], "ms/step", 1e3),
+                                    ("sparse", GROUP_KEYS["sparse"], "ms/step", 1e3),
+                                    ("torch-sparse", GROUP_KEYS["torch-sparse"], "ms/step", 1e3)):
         rs_all = [r for r in recs if r["scenario"] == scen]
         for key in sorted({tuple(r[k] for k in keys) for r in rs_all}):
             rs = sorted([r for r in rs_all if tuple(r[k] for k in keys) == key],
@@ -426,9 +532,12 @@ def plots(result, outdir, log=print):
             for y, (val, top) in enumerate(zip(vals, tops)):
                 ax.text(top, y, f"  {val:.3g}", va="center", fontsize=8)
             ax.set_xlabel(f"{unit} (median, min-max)")
-            ttl = (f"{key[0]}, {key[1]}, {key[2]} thread(s)" if scen == "many" else
-                   f"sparse {key[0]:,}x{key[1]}, batch {key[2]}, Zipf({key[3]}), "
-                   f"{key[5]} thread(s)")
+            if scen == "sparse":
+                ttl = (f"sparse {key[0]:,}x{key[1]}, batch {key[2]}, Zipf({key[3]}), "
+                       f"{key[5]} thread(s)")
+            else:
+                ttl = (f"{'torch level: ' if scen.startswith('torch') else ''}{key[0]}, "
+                       f"{key[1]}, {key[2]} thread(s)")
             ax.set_title(ttl, fontsize=10)
             ax.set_xlim(0, max(tops) * 1.22)
             fig.tight_layout()

@@ -1,4 +1,15 @@
-"""Interleaved timing and a dependency-free progress bar."""
+"""Design: interleaved timing and a dependency-free progress bar.
+
+What: ``interleave`` times several callables (the implementations of one
+case) in the same process; ``measure`` re-measures a disturbed set (bounded);
+``Progress`` is the progress bar.
+
+Method: warm-up, calibration of the batch length (``inner`` back-to-back
+calls per sample, ~``target_s``), then rounds that run every case once in
+alternating order (A B C, C B A, ...) with the garbage collector off;
+medians and min/max per case. Disturbed = repeats spread more than 1.5x
+(max/min) or other processes used more than 0.25 CPUs meanwhile.
+"""
 import gc
 import math
 import statistics

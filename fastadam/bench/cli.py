@@ -1,4 +1,11 @@
-"""Command line: ``python -m bench [--quick | --smoke] [filters] [--out DIR]``."""
+"""Design: the command line, ``python -m fastadam.bench [--quick | --smoke] [filters] [--out DIR]``.
+
+What: modes (full, ``--quick``, ``--smoke``) choose sizes, models, workloads
+and repeats; filters (``--scenario``, ``--peers``, ``--sizes``, ...) narrow
+them. ``main`` measures the machine's bandwidth once (the run's one bound,
+``bound``), runs the scenarios, prints each one's tables as it finishes and
+writes results.json, results.md and the plots, all from the same final bound.
+"""
 import argparse
 import math
 import os
@@ -6,6 +13,7 @@ import re
 import sys
 import time
 
+from . import bound as B
 from . import machine, report
 from . import peers as P
 from . import scenarios as S
@@ -14,16 +22,22 @@ from .timing import Progress
 EPILOG = """\
 modes:
   (default)  the full run: every size 2**4..2**26, float32 and float64, threads 1..N,
-             GPT-2 small and BERT-base, four sparse workloads, ISA and threshold sweeps
+             GPT-2 small and BERT-base (numpy API and torch drop-ins), four sparse
+             workloads (fixed and cycling batches), the torch-level sparse cases,
+             ISA and threshold sweeps
   --quick    the README command: float32, N threads, the key sizes, GPT-2 small, the
-             default sparse workload, ISA and threshold (under 2 minutes on 2 cores)
+             torch drop-ins on 148 small tensors and one tensor, the default sparse
+             workload, ISA and threshold (about 1-2 minutes on 2 cores); no torch-sparse
   --smoke    seconds; proves the suite runs (CI). Never asserts timings.
 
 examples:
-  python -m bench --quick
-  python -m bench --scenario dense --dtype float32 --threads 1,2 --sizes 2**16,2**20
-  python -m bench --scenario many,overhead --peers fastadam,fastadam.Adam,torch-fused,deepspeed
-  python -m bench --scenario sparse --sparse 1000000x64x16384x1.1 --out /tmp/res
+  python -m fastadam.bench --quick
+  python -m fastadam.bench --scenario dense --dtype float32 --threads 1,2 --sizes 2**16,2**20
+  python -m fastadam.bench --scenario many,overhead --peers fastadam,fastadam.Adam,torch-fused,deepspeed
+  python -m fastadam.bench --scenario sparse --sparse 1000000x64x16384x1.1 --out /tmp/res
+  python -m fastadam.bench --scenario torch --torch-models gpt2-small,bert-base,148x16,1x2^24
+  python -m fastadam.bench --scenario torch-sparse
+  python -m fastadam.bench --scenario sparse --sparse-batches fixed,cycling --threads 1,2
 """
 
 
@@ -75,7 +89,7 @@ def _csv(s):
 
 def build_parser():
     ap = argparse.ArgumentParser(
-        prog="python -m bench", description="fastadam microbenchmarks: peers side by side, "
+        prog="python -m fastadam.bench", description="fastadam microbenchmarks: peers side by side, "
         "interleaved, against the machine's measured memory bandwidth.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
@@ -93,6 +107,12 @@ def build_parser():
                     help="dense and isa sizes: 2**16,2**20 or 16,65536 or 2**4..2**26")
     ap.add_argument("--models", type=_csv, default=None,
                     help="many-arrays models: " + ", ".join(S.MODELS))
+    ap.add_argument("--torch-models", type=_csv, default=None,
+                    help="torch scenario models: " + ", ".join(S.TORCH_MODELS))
+    ap.add_argument("--sparse-batches", type=_csv, default=None,
+                    help="sparse scenario: fixed (the same batch every step: warm rows), "
+                         "cycling (16 batches in turn: cold rows) or both (default: fixed; "
+                         "both in the full run)")
     ap.add_argument("--sparse", type=parse_sparse, default=None, metavar="RxDxBxZ",
                     help="sparse workloads ROWSxDIMxBATCHxZIPF, comma separated "
                          "(Zipf 0 = uniform); default 1000000x64x16384x1.1")
@@ -101,7 +121,9 @@ def build_parser():
                     help="length of one timed sample (calls are batched up to this)")
     ap.add_argument("--retries", type=int, default=None,
                     help="re-measure a case whose repeats spread > 1.5x (max/min) up to this "
-                         "many times (default: 1 in the full run, 0 in --quick/--smoke)")
+                         "many times (default: 1 in the full run, 0 in --quick/--smoke); a "
+                         "case above the bandwidth bound is always re-measured (up to "
+                         f"{B.RETRIES} times) and marked disturbed if it stays above")
     ap.add_argument("--out", default="bench_results", help="results folder (default: %(default)s)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -132,6 +154,12 @@ class Run:
             self.threshold_sizes = [2**10, 2**12, 2**14]
             self.dense_variants = [("adam", sizes)]
             self.threads_many = [ncpu]
+            self.torch_models = ["148x16", "tiny"]
+            self.skipgram = (20_000, 32, 1024, 1.0)
+            self.mixed = (20_000, 16, 64, 4)
+            self.sparse_batches = ["fixed", "cycling"]
+            self.isa_rounds = 1
+            default_scenarios = list(S.SCENARIOS)
         elif args.quick:
             self.mode = "quick"
             sizes = [2**4, 2**8, 2**12, 2**16, 2**20, 2**23, 2**26]
@@ -144,6 +172,12 @@ class Run:
             self.threshold_sizes = _geom(2**10, 2**18, 2)
             self.dense_variants = [("adam", sizes)]
             self.threads_many = [ncpu]
+            self.torch_models = ["148x16", "1x2^20"]
+            self.skipgram = (1_000_000, 128, 4096 * 9, 1.0)
+            self.mixed = (1_000_000, 64, 2048, 20)
+            self.sparse_batches = ["fixed"]
+            self.isa_rounds = 2
+            default_scenarios = [s for s in S.SCENARIOS if s != "torch-sparse"]
         else:
             self.mode = "full"
             sizes = [2**k for k in range(4, 27)]
@@ -157,6 +191,13 @@ class Run:
             self.threshold_sizes = _geom(2**10, 2**19, 4)
             self.dense_variants = [("adam", sizes), ("adamw", [2**16, 2**20, 2**24])]
             self.threads_many = list(range(1, ncpu + 1))
+            self.torch_models = ["gpt2-small", "bert-base", "148x16", "1x2^24"]
+            # skip-gram: batch 4096 x (window 4 + negatives 5) ids, Zipf(1.0)
+            self.skipgram = (1_000_000, 128, 4096 * 9, 1.0)
+            self.mixed = (1_000_000, 64, 2048, 20)  # rows, dim, batch, ids per bag
+            self.sparse_batches = ["fixed", "cycling"]
+            self.isa_rounds = 3
+            default_scenarios = list(S.SCENARIOS)
         self.threads_isa = sorted({1, ncpu}) if self.mode != "smoke" else [ncpu]
         self.dtypes_many = ["float32"]
         self.dtypes_sparse = ["float32"]
@@ -177,6 +218,17 @@ class Run:
             self.models = args.models
         if args.sparse:
             self.sparse_configs = args.sparse
+        if args.torch_models:
+            bad = [m for m in args.torch_models if m not in S.TORCH_MODELS]
+            if bad:
+                raise SystemExit(f"--torch-models: unknown {bad}; use "
+                                 f"{', '.join(S.TORCH_MODELS)}")
+            self.torch_models = args.torch_models
+        if args.sparse_batches:
+            bad = [b for b in args.sparse_batches if b not in ("fixed", "cycling")]
+            if bad:
+                raise SystemExit(f"--sparse-batches: unknown {bad}; use fixed,cycling")
+            self.sparse_batches = args.sparse_batches
         # --quick keeps its 2-minute budget (no re-measuring; disturbed cells are marked ~)
         self.retries = 1 if self.mode == "full" else 0
         if args.retries is not None:
@@ -185,7 +237,7 @@ class Run:
             self.repeats = max(1, args.repeats)
         if args.target_ms:
             self.target_s = args.target_ms / 1e3
-        known = set(P.DENSE) | set(S.SPARSE) | {"fastadam-kernel", "all"}
+        known = set(P.DENSE) | set(S.SPARSE) | set(S.MIXED) | {"all"}
         if args.peers:
             bad = [p for p in args.peers if p not in known]
             if bad:
@@ -195,10 +247,10 @@ class Run:
         elif args.peers:
             self.peers = set(args.peers)
         elif self.mode == "smoke":  # DeepSpeed's import + set-up alone takes seconds
-            self.peers = (set(P.DENSE) | set(S.SPARSE) | {"fastadam-kernel"}) - {"deepspeed"}
+            self.peers = (set(P.DENSE) | set(S.SPARSE) | set(S.MIXED)) - {"deepspeed"}
         else:
             self.peers = None
-        self.scenarios = args.scenario or list(S.SCENARIOS)
+        self.scenarios = args.scenario or default_scenarios
         bad = [s for s in self.scenarios if s not in S.SCENARIOS]
         if bad:
             raise SystemExit(f"--scenario: unknown {bad}; use {', '.join(S.SCENARIOS)}")
@@ -206,6 +258,7 @@ class Run:
         self.skipped = []
         self.bw = None
         self.probe = None
+        self.llc = B.llc_bytes(machine.caches())
         self.progress = Progress(1, enabled=False)
         self.show_progress = not args.no_progress
 
@@ -237,9 +290,14 @@ def main(argv=None):
         print("dense/many/overhead implementations:")
         for k, (_, d) in P.DENSE.items():
             print(f"  {k:20s} {d}")
-        print(f"  {'fastadam-kernel':20s} the ISA kernel called directly (overhead floor)")
         print("sparse implementations:")
         for k, (_, d) in S.SPARSE.items():
+            print(f"  {k:20s} {d}")
+        print("torch scenario models:")
+        for k, (_, d) in S.TORCH_MODELS.items():
+            print(f"  {k:20s} {d}")
+        print("torch-sparse mixed model:")
+        for k, (_, d) in S.MIXED.items():
             print(f"  {k:20s} {d}")
         return 0
     if args.render:
@@ -252,14 +310,16 @@ def main(argv=None):
     meter = machine.CpuMeter()
     os.makedirs(run.out, exist_ok=True)
     info = machine.describe()
-    cmd = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python -m fastadam.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"meta": {"command": cmd.strip(), "mode": run.mode, "machine": info,
                        "date_utc": info["date_utc"], "loadavg_start": _loadavg(),
                        "settings": {k: v for k, v in vars(run).items()
                                     if k in ("dtypes", "threads", "repeats", "target_s",
                                              "models", "sparse_configs", "isa_sizes",
                                              "threshold_sizes", "dense_variants",
-                                             "threads_many", "threads_isa", "scenarios")},
+                                             "threads_many", "threads_isa", "scenarios",
+                                             "torch_models", "skipgram", "mixed",
+                                             "sparse_batches", "isa_rounds", "llc")},
                        "peers": sorted(run.peers) if run.peers else "all"},
               "bandwidth": None, "results": [], "skipped": run.skipped, "errors": []}
     print(f"fastadam bench ({run.mode}) on {machine.short_name(info)}; "
@@ -270,7 +330,8 @@ def main(argv=None):
         except P.Skip as e:
             run.log(f"skip torch peers: {e}")
             run.skipped.append(str(e))
-    needs_bw = any(s in run.scenarios for s in ("dense", "many", "sparse", "isa"))
+    needs_bw = any(s in run.scenarios for s in ("dense", "many", "torch", "sparse",
+                                                "torch-sparse", "isa"))
     if needs_bw:
         run.log(f"measuring memory bandwidth ({run.bw_elems * 4 / 2**20:.0f} MiB arrays)...")
         bw_threads = sorted(set(run.threads) | set(run.threads_many))
@@ -278,6 +339,7 @@ def main(argv=None):
         run.bw = machine.bandwidth(run.probe, threads=bw_threads, repeats=run.bw_repeats,
                                    log=run.log)
         result["bandwidth"] = run.bw
+        run.log(report.bound_line(run.bw))
     S._RUN = run
     total = sum(S.SCENARIOS[s][1](run) for s in run.scenarios)
     run.progress = Progress(total, label="bench", enabled=run.show_progress)
@@ -298,8 +360,7 @@ def main(argv=None):
                     + traceback.format_exc())
             result["errors"].append(f"{name}: {type(e).__name__}: {e}")
             continue
-        report.add_speedups(recs)
-        report.fill_bounds(recs)
+        report.finalize(recs, run.bw, run.llc)
         cfg = info.get("fastadam_config", {})
         for r in recs:  # the machine, compactly, with every result (full record in meta)
             r.update(cpu=info["cpu"], cores=info["usable_cpus"], isa_module=cfg.get("isa"),
@@ -313,7 +374,7 @@ def main(argv=None):
         result["meta"]["duration_s"] = time.time() - t_start
         report.write_json(result, json_path)
     run.progress.close()
-    report.fill_bounds(result["results"])
+    report.finalize(result["results"], run.bw, run.llc)  # the final bound, for everything
     result["meta"]["duration_s"] = time.time() - t_start
     result["meta"]["loadavg_end"] = _loadavg()
     result["meta"]["others_cpu"] = meter.others()
@@ -329,6 +390,7 @@ def main(argv=None):
         files += report.plots(result, run.out, log=run.log)
     if run.bw:
         print("\n" + report.render_terminal(*report.tables(dict(result, results=[]))[0]))
+        print(report.bound_line(run.bw))
     print(f"\ndone in {result['meta']['duration_s']:.0f} s; wrote " + ", ".join(files))
     if result["errors"]:
         print("errors: " + "; ".join(result["errors"]))
@@ -342,8 +404,9 @@ def render(path, out, plots=True):
         result = json.load(f)
     result["bandwidth"] and result["bandwidth"].update(by_threads={
         int(k): v for k, v in result["bandwidth"]["by_threads"].items()})
-    report.add_speedups(result["results"])
-    report.fill_bounds(result["results"])
+    llc = result["meta"].get("settings", {}).get("llc") or B.llc_bytes(
+        result["meta"]["machine"].get("caches"))
+    report.finalize(result["results"], result["bandwidth"], llc)
     for title, tb in report.tables(result):
         print("\n" + report.render_terminal(title, tb))
     os.makedirs(out, exist_ok=True)

@@ -118,7 +118,8 @@ def test_suite_uses_only_public_api():
     scenario runs fastadam.adam_step in FASTADAM_ISA worker processes."""
     for name in os.listdir(BENCH_DIR):
         if name.endswith(".py"):
-            src = open(os.path.join(BENCH_DIR, name)).read()
+            with open(os.path.join(BENCH_DIR, name), encoding="utf-8") as fh:
+                src = fh.read()
             for bad in ("_dispatch.kernels", "_kernels_", "adam32", "adam64", "sparse_merge",
                         "import_module", "DESIGN.md"):
                 assert bad not in src, (name, bad)

@@ -25,15 +25,12 @@ explicitly where the semantics require it, so all ISA builds round the same).
 OpenMP is used when the compiler supports it, else the build is serial
 (with a warning).
 """
+import importlib.util
 import os
 import platform
-import shutil
 import subprocess
-import sys
 import tempfile
 import warnings
-
-import importlib.util
 
 import numpy as np
 from Cython.Build import cythonize

@@ -14,9 +14,20 @@ import math
 import numpy as np
 
 from . import _plan, _runtime, _threads
-from ._validate import (F32, F64, check_buffer, check_grad_scale, check_hyper, check_step,
-                        describe, id_out_of_range, negative_row_step, no_overlap, same_dtype,
-                        same_shape)
+from ._validate import (
+    F32,
+    F64,
+    check_buffer,
+    check_grad_scale,
+    check_hyper,
+    check_step,
+    describe,
+    id_out_of_range,
+    negative_row_step,
+    no_overlap,
+    same_dtype,
+    same_shape,
+)
 
 __all__ = ["adam_step", "adamw_step", "adam", "adamw", "sparse_adam_step", "grad_norm",
            "plan_adam", "plan_sparse_adam", "run"]

@@ -17,8 +17,15 @@ import numpy as np
 
 from . import _plan, _threads
 from . import functional as F
-from ._validate import (check_buffer, check_grad_scale, check_hyper, check_state_step,
-                        same_dtype, to_numpy, to_scalar)
+from ._validate import (
+    check_buffer,
+    check_grad_scale,
+    check_hyper,
+    check_state_step,
+    same_dtype,
+    to_numpy,
+    to_scalar,
+)
 
 __all__ = ["Adam", "AdamW", "SparseAdam", "save", "load", "new_state"]
 

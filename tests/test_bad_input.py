@@ -1,10 +1,9 @@
 """Every rejected call raises a clear error naming the argument and writes nothing."""
 import numpy as np
 import pytest
+from conftest import assert_bitwise, copies, make_state
 
 import fastadam as fa
-
-from conftest import assert_bitwise, copies, make_state
 
 N = 64
 

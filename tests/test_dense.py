@@ -1,13 +1,19 @@
 """Dense Adam/AdamW kernels vs the numpy reference, across threads, builds and torch."""
 import numpy as np
 import pytest
+from _options import DENSE, PLAIN, Dense
+from conftest import (
+    SIZES,
+    THREADS,
+    assert_bitwise,
+    assert_close,
+    copies,
+    importable_isas,
+    make_state,
+)
 
 import fastadam as fa
 from fastadam import _reference as ref
-
-from _options import DENSE, PLAIN, Dense
-from conftest import (SIZES, THREADS, assert_bitwise, assert_close, copies, importable_isas,
-                      isa_module, make_state)
 
 OPTIONS = DENSE
 

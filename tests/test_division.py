@@ -9,7 +9,6 @@ special values and float64 are sampled.
 """
 import numpy as np
 import pytest
-
 from conftest import importable_isas, isa_module
 
 BETA2S = [0.999, 0.99, 0.9999, 0.95, 0.5, 1 - 1e-12]

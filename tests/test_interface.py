@@ -5,11 +5,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import importable_isas, isa_module
 
 from fastadam import _interface as I
 from fastadam import _plan
-
-from conftest import importable_isas, isa_module
 
 PKG = os.path.dirname(os.path.abspath(_plan.__file__))
 

@@ -1,10 +1,9 @@
 """Stateful numpy optimizers: groups, lazy state, checkpoints, bit-identical resume."""
 import numpy as np
 import pytest
+from conftest import assert_bitwise, copies
 
 import fastadam as fa
-
-from conftest import assert_bitwise, copies
 
 
 def _params(dtype, seed=0):

@@ -1,5 +1,4 @@
 """Threads, the GIL, memory, ISA modules and show_config."""
-import inspect
 import os
 import subprocess
 import sys
@@ -9,11 +8,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import importable_isas, isa_module, make_state
 
 import fastadam as fa
 from fastadam import _dispatch, _threads
-
-from conftest import assert_bitwise, importable_isas, isa_module, make_state
 
 
 def _run(code, **env):

@@ -4,13 +4,12 @@ import warnings
 
 import numpy as np
 import pytest
+from _options import SPARSE
+from _sparse_helpers import assert_bitwise, copies, make_batch, make_sparse_state
 
 import fastadam as fa
 from fastadam import _reference as R
 from fastadam._dispatch import kernels as K
-
-from _options import SPARSE
-from _sparse_helpers import assert_bitwise, copies, make_batch, make_sparse_state
 
 DTYPES = [np.float32, np.float64]
 THREADS = [1, 2]

@@ -81,11 +81,13 @@ elif _compiles(["-fopenmp"], OMP_SRC):
     OPENMP = ["-fopenmp"]
 else:
     OPENMP = []
-    warnings.warn("fastadam: the C compiler has no OpenMP; building serial kernels")
+    warnings.warn("fastadam: the C compiler has no OpenMP; building serial kernels",
+                  stacklevel=1)
 
 for isa in [k for k in ISA_FLAGS if k != "baseline"]:
     if not _compiles(ISA_FLAGS[isa], link=False):
-        warnings.warn(f"fastadam: compiler rejects {isa} flags; skipping that module")
+        warnings.warn(f"fastadam: compiler rejects {isa} flags; skipping that module",
+                      stacklevel=1)
         del ISA_FLAGS[isa]
 
 

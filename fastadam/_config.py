@@ -74,7 +74,8 @@ def show_config(file=None):
         f"usable here:     {', '.join(c['isa_available'])}",
         f"openmp:          {'on' if c['openmp'] else 'off (serial build)'}",
         f"x / sqrt(bc2):   {'FMA units (hardware fma)' if c['fast_div'] else 'true division'}",
-        f"threads:         {c['threads']} (serial below {c['serial_threshold']} elements per thread)",
+        f"threads:         {c['threads']} "
+        f"(serial below {c['serial_threshold']} elements per thread)",
         f"compile flags:   {' '.join(c['common_flags'] or [])}",
     ]
     for isa, fl in (c["isa_flags"] or {}).items():

@@ -71,7 +71,8 @@ def choose():
         best = avail[-1] if avail else "baseline"
     feats = cpu_features()
     have = [f for f in ("avx2", "fma", "avx512f") if feats.get(f)]
-    reason = f"best built module the CPU supports (CPU has: {', '.join(have) or 'baseline x86-64 only'})"
+    cpu = ", ".join(have) or "baseline x86-64 only"
+    reason = f"best built module the CPU supports (CPU has: {cpu})"
     return best, load(best), reason
 
 

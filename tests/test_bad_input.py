@@ -58,7 +58,8 @@ BUF_CASES = [
      ValueError, "share memory"),
     ("alias-grad-param", lambda: (lambda b: b.update(grad=b["param"]) or b)(_bufs()), {},
      ValueError, "share memory"),
-    ("partial-overlap", lambda: (lambda b, big: b.update(exp_avg=big[:N], exp_avg_sq=big[N // 2:N // 2 + N]) or b)(
+    ("partial-overlap", lambda: (lambda b, big: b.update(
+        exp_avg=big[:N], exp_avg_sq=big[N // 2:N // 2 + N]) or b)(
         _bufs(), np.zeros(2 * N, np.float32)), {}, ValueError, "share memory"),
     ("ams-no-buffer", _replace("max_exp_avg_sq", lambda a: None), {"amsgrad": True},
      ValueError, "max_exp_avg_sq"),
@@ -137,7 +138,8 @@ def test_multi_array_rejects_before_any_write(bad):
         ps = np.stack([ps[0], ps[0]])
     elif bad == "ams":
         kw["amsgrad"] = True
-    everything = [a for lst in (ps, gs, ms, vs, vms) for a in (lst if isinstance(lst, list) else [lst])]
+    everything = [a for lst in (ps, gs, ms, vs, vms)
+                  for a in (lst if isinstance(lst, list) else [lst])]
     before = copies(everything)
     with pytest.raises((TypeError, ValueError)) as info:
         fa.functional.adam(ps, gs, ms, vs, **kw)
@@ -187,7 +189,7 @@ def test_overlap_detection_matches_brute_force(k):
     base = np.zeros(400)
     for trial in range(200):
         entries = []
-        for i in range(k):
+        for _ in range(k):
             a = int(rng.integers(0, 390))
             b = a + int(rng.integers(0, 10))
             entries.append((base[a:b], bool(rng.random() < 0.5)))

@@ -15,7 +15,8 @@ SCRIPT = """
 import numpy as np, fastadam as fa, fastadam._runtime as rt
 assert fa.__file__.startswith({root!r}), fa.__file__
 rng = np.random.default_rng(0)
-p = rng.standard_normal(100003).astype(np.float32); g = rng.standard_normal(100003).astype(np.float32)
+p = rng.standard_normal(100003).astype(np.float32)
+g = rng.standard_normal(100003).astype(np.float32)
 m = np.zeros_like(p); v = np.zeros_like(p)
 for t in (1, 2, 3):
     fa.adam_step(p, g, m, v, step=t, lr=1e-2, weight_decay=0.1, n_threads=2)

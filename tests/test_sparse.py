@@ -368,7 +368,8 @@ def test_memmap_table_with_64bit_offsets(tmp_path):
     g = rng.standard_normal((idx.size, dim)).astype(dtype)
     table[idx] = rng.standard_normal((idx.size, dim)).astype(dtype)
     rows = np.unique(idx)
-    small_p = np.array(table[rows]); small_m = np.zeros_like(small_p)
+    small_p = np.array(table[rows])
+    small_m = np.zeros_like(small_p)
     small_v = np.zeros_like(small_p)
     remap = {r: i for i, r in enumerate(rows)}
     small_idx = np.array([remap[r] for r in idx])
@@ -392,8 +393,9 @@ def test_memmap_table_with_64bit_offsets(tmp_path):
 
 def test_memmap_state_in_stateful_optimizer(tmp_path):
     n_rows, dim = 1000, 16
-    mk = lambda name, shape: np.memmap(tmp_path / name, dtype=np.float64, mode="w+",
-                                       shape=shape)
+    def mk(name, shape):
+        return np.memmap(tmp_path / name, dtype=np.float64, mode="w+", shape=shape)
+
     table, m, v = mk("t", (n_rows, dim)), mk("m", (n_rows, dim)), mk("v", (n_rows,))
     ref_t = np.zeros((n_rows, dim))
     emb = fa.SparseAdam(table, lr=0.1, rowwise=True, exp_avg=m, exp_avg_sq=v)

@@ -26,7 +26,7 @@ except ImportError as _e:  # torch is an optional extra
 
 import fastadam as _fa
 
-from . import functional as _F
+from .. import functional as _F
 
 __all__ = ["Adam", "AdamW", "SparseAdam"]
 
@@ -246,7 +246,7 @@ class Adam(Optimizer):
                       for b in betas)
         _F.check_hyper(_num(lr), tuple(_num(b) for b in betas), eps, weight_decay)
         if n_threads is not None:
-            from . import _threads
+            from .. import _threads
             _threads.resolve(n_threads, 0)  # validate now
         self.n_threads = n_threads
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,

@@ -8,13 +8,14 @@ call is planned with :func:`fastadam.sparse.plan_sparse_adam` (hyperparameters
 and row ids validated), and only then are all plans run and the steps
 counted, so a rejected step leaves every table, state value and ``step``
 bit-identical (state created for a first step may remain, zeroed, as with
-torch).
+torch). With one table the single call is :func:`fastadam.sparse_adam_step`,
+which validates everything (ids in its merge pass) before it writes.
 """
 import torch
 from torch.optim.optimizer import Optimizer
 
 from .. import functional as _F
-from ..sparse import plan_sparse_adam
+from ..sparse import plan_sparse_adam, sparse_adam_step
 from . import _views as V
 
 __all__ = ["SparseAdam"]
@@ -147,16 +148,25 @@ class SparseAdam(Optimizer):
                     cache[p] = V.SViews(state["exp_avg"], state["exp_avg_sq"], p.data_ptr(),
                                        p.dtype, p.shape, views[0], views[3], views[4])
                 work.append((group, state, views, p))
-        plan = []
         n_threads = self.n_threads
-        for group, state, (table, ids, vals, m, v), _ in work:
-            b1, b2 = group["betas"]
-            plan += plan_sparse_adam(table, ids, vals, m, v, step=int(state["step"]) + 1,
-                                     lr=_num(group["lr"]), betas=(_num(b1), _num(b2)),
-                                     eps=group["eps"], maximize=group.get("maximize", False),
-                                     n_threads=n_threads)
-        _F.run(plan)
+        if len(work) == 1:
+            # One table: sparse_adam_step validates everything before it writes (the
+            # ids in its merge pass), so the plan's separate id pass is not needed.
+            group, state, views, _ = work[0]
+            sparse_adam_step(*views, **_kwargs(group, state, n_threads))
+        else:
+            plan = []
+            for group, state, views, _ in work:
+                plan += plan_sparse_adam(*views, **_kwargs(group, state, n_threads))
+            _F.run(plan)
         for _, state, _, _ in work:
             state["step"] = int(state["step"]) + 1
         V.bump_versions([p for _, _, _, p in work])
         return loss
+
+
+def _kwargs(group, state, n_threads):
+    """The keyword arguments of one table's sparse step."""
+    b1, b2 = group["betas"]
+    return dict(step=int(state["step"]) + 1, lr=_num(group["lr"]), betas=(_num(b1), _num(b2)),
+                eps=group["eps"], maximize=group.get("maximize", False), n_threads=n_threads)

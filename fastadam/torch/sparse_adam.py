@@ -152,8 +152,12 @@ class SparseAdam(Optimizer):
         if len(work) == 1:
             # One table: sparse_adam_step validates everything before it writes (the
             # ids in its merge pass), so the plan's separate id pass is not needed.
-            group, state, views, _ = work[0]
-            sparse_adam_step(*views, **_kwargs(group, state, n_threads))
+            group, state, (table, ids, vals, m, v), _ = work[0]
+            b1, b2 = group["betas"]
+            sparse_adam_step(table, ids, vals, m, v, step=int(state["step"]) + 1,
+                             lr=_num(group["lr"]), betas=(_num(b1), _num(b2)),
+                             eps=group["eps"], maximize=group.get("maximize", False),
+                             n_threads=n_threads)
         else:
             plan = []
             for group, state, views, _ in work:

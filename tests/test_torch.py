@@ -19,15 +19,6 @@ from fastadam import torch as fat  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import _torch_helpers as H  # noqa: E402
 
-SPARSE_NOTE = ("" if H.HAVE_NATIVE_SPARSE else
-               " (native sparse path absent in this build: numpy stand-in from _torch_helpers)")
-
-
-@pytest.fixture
-def sparse_kernel(monkeypatch):
-    H.install_sparse_fallback(monkeypatch)
-
-
 def _pair(cls_fa, cls_t, shapes, dtype=torch.float32, seed=0, groups=None, **kw):
     """Two copies of the same parameters with a fastadam and a torch optimizer."""
     g = torch.Generator().manual_seed(seed)
@@ -134,13 +125,13 @@ def test_grad_none_is_skipped_and_creates_no_state():
 
 def test_zero_copy_and_one_native_call_per_group(monkeypatch):
     calls = []
-    real = fastadam.functional.adam
+    real = fastadam.functional.plan_adam
 
     def spy(params, grads, *a, **k):
         calls.append(len(params))
         return real(params, grads, *a, **k)
 
-    monkeypatch.setattr(fastadam.functional, "adam", spy)
+    monkeypatch.setattr(fastadam.functional, "plan_adam", spy)
     a = [torch.nn.Parameter(torch.randn(s)) for s in [(8, 8), (16,), (3, 5), (32,)]]
     opt = fat.AdamW([{"params": a[:3]}, {"params": a[3:], "lr": 0.1}])
     ptrs = [p.data_ptr() for p in a]
@@ -300,7 +291,7 @@ def test_rejected_step_writes_nothing():
     assert torch.equal(a, torch.ones(8)) and float(opt.state[a]["step"]) == 0.0
 
 
-def test_sparse_adam_errors_follow_torch(sparse_kernel):
+def test_sparse_adam_errors_follow_torch():
     p = torch.nn.Parameter(torch.zeros(5, 3))
     opt = fat.SparseAdam([p])
     p.grad = torch.zeros(5, 3)
@@ -419,7 +410,7 @@ def test_checkpoint_crosses_over(cls, direction, torch_kw):
 
 
 @pytest.mark.parametrize("direction", ["torch_to_fastadam", "fastadam_to_torch"])
-def test_sparse_adam_checkpoint_crosses_over(direction, sparse_kernel):
+def test_sparse_adam_checkpoint_crosses_over(direction):
     torch.manual_seed(0)
     ea = torch.nn.Embedding(50, 16, sparse=True)
     eb = copy.deepcopy(ea)
@@ -445,7 +436,7 @@ def test_sparse_adam_checkpoint_crosses_over(direction, sparse_kernel):
 
 # -- sparse ------------------------------------------------------------------------------------
 
-def test_sparse_adam_matches_torch(sparse_kernel):
+def test_sparse_adam_matches_torch():
     torch.manual_seed(0)
     ea = torch.nn.Embedding(100, 24, sparse=True)
     eb = copy.deepcopy(ea)
@@ -484,7 +475,7 @@ class _Bag(torch.nn.Module):
 
 
 @pytest.mark.parametrize("cls", ["Adam", "AdamW"])
-def test_mixed_dense_and_sparse_params_in_one_optimizer(cls, sparse_kernel):
+def test_mixed_dense_and_sparse_params_in_one_optimizer(cls):
     """One fastadam Adam == torch Adam(dense, fused) + torch SparseAdam(embedding)."""
     torch.manual_seed(0)
     ma = _Bag()
@@ -518,7 +509,7 @@ def test_mixed_dense_and_sparse_params_in_one_optimizer(cls, sparse_kernel):
     assert set(st) == {"step", "exp_avg", "exp_avg_sq"} and float(st["step"]) == 6.0
 
 
-def test_mixed_sparse_weight_decay_touches_only_present_rows(sparse_kernel):
+def test_mixed_sparse_weight_decay_touches_only_present_rows():
     emb = torch.nn.Embedding(10, 4, sparse=True)
     before = emb.weight.detach().clone()
     opt = fat.AdamW(emb.parameters(), lr=0.1, weight_decay=0.5)
@@ -528,7 +519,7 @@ def test_mixed_sparse_weight_decay_touches_only_present_rows(sparse_kernel):
     assert changed == [1, 3]
 
 
-def test_adam_plain_torch_rejects_sparse_but_ours_accepts(sparse_kernel):
+def test_adam_plain_torch_rejects_sparse_but_ours_accepts():
     emb = torch.nn.Embedding(10, 4, sparse=True)
     emb(torch.tensor([2])).sum().backward()
     with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
@@ -626,15 +617,13 @@ def test_ddp_and_zero_redundancy_optimizer(tmp_path):
     for x, y in zip(r0["ddp"], r0["zero"]):      # ZeRO's sharded step == plain step, bitwise
         assert torch.equal(x, y)
     assert r0["zero_state_steps"] == [float(steps)] * 4
-    if not H.HAVE_NATIVE_SPARSE:
-        pytest.skip("DDP part with sparse gradients needs fastadam.sparse_adam_step")
     mixed = H.train_single_mixed(steps)   # sparse embedding grads all-reduced by gloo
     for x, y, z in zip(r0["mixed"], r1["mixed"], mixed):
         assert torch.equal(x, y)
         torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6)
 
 
-def test_step_bumps_autograd_version_like_torch(sparse_kernel):
+def test_step_bumps_autograd_version_like_torch():
     """Modifying a parameter that a pending backward still needs raises, as with torch."""
     for cls in (fat.Adam, torch.optim.Adam):
         w = torch.nn.Parameter(torch.ones(4))
@@ -668,7 +657,7 @@ def test_cached_views_follow_changes_between_steps():
         _assert_bitwise(a, b)
 
 
-def test_sparse_cached_views_follow_changes_between_steps(sparse_kernel):
+def test_sparse_cached_views_follow_changes_between_steps():
     """SparseAdam reuses its numpy views from the second step on; replacing
     p.data or a state tensor, load_state_dict, a gradient of another kind
     (hybrid sparse, then dense dims flattened) all take effect."""
@@ -702,7 +691,7 @@ def test_sparse_cached_views_follow_changes_between_steps(sparse_kernel):
     assert oa.state[ea.weight]["step"] == ob.state[eb.weight]["step"] == 9
 
 
-def test_sparse_adam_rejected_step_on_cached_views_writes_nothing(sparse_kernel):
+def test_sparse_adam_rejected_step_on_cached_views_writes_nothing():
     """From the second step SparseAdam takes its cached-view path; a gradient with
     an out-of-range row id is still rejected before anything is written."""
     e = torch.nn.Embedding(30, 4, sparse=True)
@@ -737,7 +726,7 @@ def test_amsgrad_switched_on_later_creates_its_state():
     assert float(st["step"]) == 3.0
 
 
-def test_bad_sparse_grad_in_second_group_writes_nothing(sparse_kernel):
+def test_bad_sparse_grad_in_second_group_writes_nothing():
     dense = torch.nn.Parameter(torch.ones(16))
     emb = torch.nn.Parameter(torch.ones(2, 4).t())   # a transposed table
     opt = fat.Adam([{"params": [dense]}, {"params": [emb]}], lr=0.1)

@@ -1,0 +1,24 @@
+"""Design: PyTorch drop-ins (layer 4): ``Adam``, ``AdamW``, ``SparseAdam``.
+
+Laid out like ``torch.optim``: :mod:`fastadam.torch.adam` (``Adam``,
+``AdamW``), :mod:`fastadam.torch.sparse_adam` (``SparseAdam``) and
+:mod:`fastadam.torch._views` (zero-copy numpy views, layout helpers, state
+creation, parameter checks). Contract: subclasses of ``torch.optim.Optimizer``
+with torch's arguments, defaults, ``param_groups`` and state, stepped by
+fastadam's kernels through the functional layer; a step plans every native
+call (validating everything) before it writes anything.
+
+This is the only package of fastadam that imports torch; ``import fastadam``
+does not.
+"""
+try:
+    import torch  # noqa: F401
+    from torch.optim.optimizer import Optimizer  # noqa: F401
+except ImportError as _e:  # torch is an optional extra
+    raise ImportError("fastadam.torch needs PyTorch (an optional extra): "
+                      "pip install torch  (or pip install 'fastadam[torch]')") from _e
+
+from .adam import Adam, AdamW
+from .sparse_adam import SparseAdam
+
+__all__ = ["Adam", "AdamW", "SparseAdam"]

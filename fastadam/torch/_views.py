@@ -1,0 +1,192 @@
+"""Design: tensor glue of the torch drop-ins (layer 4, ``fastadam.torch``).
+
+Contract: turn CPU tensors into the zero-copy numpy views that the
+functional layer (:func:`fastadam.functional.plan_adam`,
+:func:`fastadam.sparse.plan_sparse_adam`) plans on, and back: parameter
+checks with torch-style messages, memory-layout tests, the one place that
+creates optimizer state tensors (:func:`new_state`), re-laying state loaded
+for another layout, the ``step`` scalar view and autograd version bumps.
+Nothing here steps anything; the only writes are new or re-laid state
+tensors (values preserved) and version counters after a step has run.
+"""
+import math
+from collections import namedtuple
+
+import torch
+
+SUPPORTED = (torch.float32, torch.float64)
+COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+# Validated zero-copy numpy views of a contiguous parameter and its state,
+# reused while the identity/layout fields still match (saves ~7 us per tensor).
+Views = namedtuple("Views", "m v vmax data_ptr stride dtype step p_np m_np v_np vmax_np "
+                            "amsgrad step_view")
+# The same for SparseAdam: the (rows, row width) table view and its state's.
+SViews = namedtuple("SViews", "m v data_ptr dtype shape table_np m_np v_np")
+
+
+def scalar_dtype():
+    """dtype of a new ``step`` tensor (torch's: float32 unless the default is float64)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def num(x):
+    """A hyperparameter (float or 1-element tensor) as a Python float."""
+    if isinstance(x, torch.Tensor):
+        return float(x.item())
+    return float(x)
+
+
+def new_state(p, keys, dtype=None):
+    """Zeroed state tensors for ``p``, one per name in ``keys``, laid out like ``p``.
+
+    ``dtype`` defaults to the parameter's. Every state tensor of the drop-ins
+    is created here (``step`` aside).
+    """
+    return {k: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            for k in keys}
+
+
+def check_param(cls, p, where):
+    """Raise a clear error for a parameter fastadam cannot step."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{cls}: {where} must be a torch.Tensor, got {type(p).__name__}")
+    if p.device.type != "cpu":
+        raise ValueError(f"{cls}: {where} is on device '{p.device}'; fastadam steps CPU tensors "
+                         "only (use torch.optim's fused optimizers on accelerators)")
+    if p.layout != torch.strided:
+        raise ValueError(f"{cls}: {where} has layout {p.layout}; parameters must be dense "
+                         "(strided) tensors")
+    dt = p.dtype
+    if dt in SUPPORTED or dt in COMPLEX:
+        return
+    if dt in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{cls}: {where} has dtype {dt}, which fastadam does not support yet "
+                        "(float32 and float64 only; keep float32 master weights, e.g. with "
+                        "torch.autocast, for mixed precision)")
+    raise TypeError(f"{cls}: {where} has dtype {dt}; fastadam steps float32/float64 "
+                    "(and complex64/complex128) parameters only")
+
+
+def is_dense(t):
+    """True if ``t`` covers one gap-free block of memory (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for st, sz in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def same_layout(a, b):
+    """Same shape and the same element -> memory offset map (size-1 dims ignored)."""
+    if a.shape != b.shape:
+        return False
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
+def real(t):
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def np_view(t):
+    """Zero-copy numpy view of a contiguous CPU tensor (any shape)."""
+    return t.detach().numpy()
+
+
+def flat_np_view(t):
+    """Zero-copy 1-D numpy view, in memory order, of a dense (permuted) tensor."""
+    return t.detach().as_strided((t.numel(),), (1,)).numpy()
+
+
+def bump_versions(tensors):
+    """Tell autograd the tensors were modified in place (we write through numpy),
+    so a stale saved tensor raises like after torch's own in-place optimizer step."""
+    if tensors:
+        _increment_version(tensors)
+
+
+def _increment_version_fallback(tensors):
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
+
+
+try:
+    _increment_version = torch._C._increment_version
+    _increment_version([torch.zeros(1)])
+except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch
+    _increment_version = _increment_version_fallback
+
+
+def step_view(state):
+    """0-d numpy view of state['step'] (a CPU scalar tensor): read and written without
+    a torch dispatch per parameter. An int/float step becomes such a tensor (same value)."""
+    st = state["step"]
+    if st.device.type != "cpu" or st.dim() != 0 or st.dtype not in SUPPORTED:
+        st = state["step"] = torch.tensor(float(st), dtype=scalar_dtype())
+    return st.numpy()
+
+
+def sparse_operands(cls, p, g, where):
+    """(table2d, row_ids, grad_rows) tensors for a COO gradient ``g`` of ``p``.
+
+    Sparse dimensions are linearised into one row id, dense dimensions into one
+    row of the table; duplicate ids are left for the kernel to sum.
+    """
+    if g.dtype != p.dtype:
+        raise TypeError(f"{cls}: the sparse gradient of {where} has dtype {g.dtype}, the "
+                        f"parameter has {p.dtype}")
+    if p.is_complex():
+        raise TypeError(f"{cls}: sparse gradients of complex parameters are not supported "
+                        f"({where})")
+    if not p.is_contiguous():
+        raise ValueError(f"{cls}: {where} gets sparse gradients and must be contiguous "
+                         f"(strides {tuple(p.stride())} for shape {tuple(p.shape)})")
+    sd = g.sparse_dim()
+    shape = tuple(p.shape)
+    rows = math.prod(shape[:sd])
+    width = math.prod(shape[sd:])
+    idx = g._indices()
+    vals = g._values()
+    nnz = vals.shape[0]
+    if sd == 1:
+        ids = idx[0]
+    else:
+        mult = torch.tensor([math.prod(shape[k + 1:sd]) for k in range(sd)], dtype=torch.int64)
+        ids = (idx * mult.unsqueeze(1)).sum(0)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    vals = vals.reshape(nnz, width)
+    if not vals.is_contiguous():
+        vals = vals.contiguous()
+    table = p.detach().view(rows, width)
+    return table, ids, vals
+
+
+def check_state(cls, state, keys, p, where, hint=""):
+    """Raise if a state tensor of ``p`` has another shape or dtype, or is not on the CPU."""
+    for k in keys:
+        t = state[k]
+        if t.shape != p.shape or t.dtype != p.dtype or t.device.type != "cpu":
+            raise ValueError(f"{cls}: state '{k}' of {where} is {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}; expected {p.dtype} "
+                             f"{tuple(p.shape)} on cpu{hint}")
+
+
+def as_state_layout(state, key, p, view):
+    """Return state[key] laid out like ``view`` (contiguous or p's dense layout).
+
+    A state tensor whose layout differs (e.g. loaded from a checkpoint saved
+    for a contiguous parameter) is re-laid out ONCE (values kept) and stored back.
+    """
+    t = state[key]
+    if t.is_contiguous() if view == "contiguous" else same_layout(t, p):
+        return t
+    nt = torch.empty_like(p, memory_format=torch.preserve_format) if view == "dense" \
+        else torch.empty(p.shape, dtype=p.dtype)
+    nt.copy_(t)
+    state[key] = nt
+    return nt

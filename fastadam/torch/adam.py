@@ -1,0 +1,354 @@
+"""Design: ``Adam`` and ``AdamW``, the torch.optim drop-ins (layer 4, ``fastadam.torch``).
+
+Contract: torch's constructor arguments, defaults, ``param_groups`` and state
+vocabulary (``step`` as a scalar float tensor, ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``), so that ``torch.optim.lr_scheduler``, ``GradScaler``,
+``ZeroRedundancyOptimizer``, DDP and checkpoints written by either library
+work unchanged. The update is fastadam's: CPU tensors are handed to the
+functional layer as zero-copy numpy views, ONE native call per param group
+(per dtype) for the dense parameters; parameters whose gradient is sparse
+(``nn.Embedding(sparse=True)``) take the lazy sparse path
+(:func:`fastadam.sparse.plan_sparse_adam`, torch ``SparseAdam`` arithmetic)
+inside the same optimizer.
+
+A step plans before it writes: every group's tensors are checked and viewed,
+then every group's native calls are planned (:func:`fastadam.functional.plan_adam`,
+:func:`fastadam.sparse.plan_sparse_adam`: hyperparameters, ``grad_scale`` and
+row ids validated), and only then are all plans run and the steps counted. A
+rejected step leaves every parameter, state value and ``step`` bit-identical
+(state created for a first step may remain, zeroed, as with torch).
+"""
+import torch
+from torch.optim.optimizer import Optimizer
+
+from .. import functional as _F
+from .._validate import check_grad_scale, check_hyper
+from ..sparse import plan_sparse_adam
+from . import _views as V
+
+__all__ = ["Adam", "AdamW"]
+
+_SUPPORTED = V.SUPPORTED
+_COMPLEX = V.COMPLEX
+_num = V.num
+
+
+class Adam(Optimizer):
+    r"""Drop-in for ``torch.optim.Adam`` whose step runs fastadam's fused CPU kernel.
+
+    Arguments, defaults, ``param_groups``, ``state`` and ``state_dict()`` are
+    torch's (``foreach`` and ``fused`` are accepted and recorded; the update is
+    always fastadam's, which is bitwise equal to ``torch.optim.Adam(fused=True)``
+    on AVX2/AVX-512 CPUs). Extra keyword: ``n_threads`` (None: fastadam's
+    default, resolved at each step).
+
+    Dense parameters of a param group are stepped in ONE native call (per
+    dtype) on zero-copy numpy views of the parameter, gradient and state
+    tensors. Parameters whose gradient is sparse (``nn.Embedding(sparse=True)``)
+    are stepped with the lazy sparse path: only the rows present in the
+    gradient change, with ``torch.optim.SparseAdam``'s arithmetic (see
+    the README), so one optimizer replaces torch's Adam + SparseAdam pair.
+
+    Supported: CPU float32/float64 (and complex64/complex128 as real pairs, as
+    torch does); ``capturable`` and ``differentiable`` are not (ValueError);
+    float16/bfloat16 raise TypeError.
+    """
+
+    _decoupled_default = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 n_threads=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if capturable:
+            raise ValueError(f"{type(self).__name__}: capturable=True (CUDA graph capture) is "
+                             "not supported; fastadam steps CPU tensors")
+        if differentiable:
+            raise ValueError(f"{type(self).__name__}: differentiable=True is not supported "
+                             "(the fused kernel is not differentiable)")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b
+                      for b in betas)
+        check_hyper(_num(lr), tuple(_num(b) for b in betas), eps, weight_decay)
+        if n_threads is not None:
+            from .. import _threads
+            _threads.resolve(n_threads, 0)  # validate now
+        self.n_threads = n_threads
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        self._fa_views = {}
+        super().__init__(params, defaults)
+        # GradScaler hands us grad_scale/found_inf instead of unscaling the grads.
+        self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            V.check_param(type(self).__name__, p, f"parameter {i} of param group {gi}")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", self._decoupled_default)
+        self.__dict__.setdefault("n_threads", None)
+        self._fa_views = {}
+        self._step_supports_amp_scaling = True
+
+    def __getstate__(self):
+        d = super().__getstate__()
+        d["n_threads"] = self.n_threads   # the cached numpy views are not pickled
+        return d
+
+    def load_state_dict(self, state_dict):
+        self._fa_views = {}  # drop views of the replaced state tensors
+        super().load_state_dict(state_dict)
+
+    # -- the step ---------------------------------------------------------
+    def _new_state(self, p, amsgrad):
+        st = {"step": torch.tensor(0.0, dtype=V.scalar_dtype())}
+        st.update(V.new_state(p, _KEYS_AMS if amsgrad else _KEYS))
+        return st
+
+    def _gather_group(self, gi, group):
+        """Check one group's tensors and gather zero-copy views of them.
+
+        Writes nothing but new state (and state re-laid out, values kept).
+        Returns ``(ps, gs, ms, vs, vmaxs, step_views, labels, tparams,
+        copy_back, sparse)``: numpy views of the dense parameters, their
+        0-d ``step`` views, each one's index in the group, the tensors, the
+        (parameter, contiguous copy) pairs to copy back after the step, and
+        ``(p, state, step_view, (table, ids, vals))`` per sparse gradient.
+        """
+        cls = type(self).__name__
+        amsgrad = bool(group["amsgrad"])
+        keys = _KEYS_AMS if amsgrad else _KEYS
+        ps, gs, ms, vs, vmaxs, states, labels, tparams = [], [], [], [], [], [], [], []
+        copy_back = []
+        sparse = []
+        cache = self._fa_views
+        state_of = self.state
+        strided = torch.strided
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            # Fast path: a contiguous real parameter stepped before, same state tensors,
+            # same memory: reuse the validated numpy views of p and its state; only the
+            # gradient (a new tensor after zero_grad) is checked and viewed afresh.
+            c = cache.get(p)
+            if c is not None:
+                state = state_of.get(p)
+                if (state is not None and c.m is state.get("exp_avg")
+                        and c.v is state.get("exp_avg_sq")
+                        and c.amsgrad is amsgrad
+                        and c.vmax is (state.get("max_exp_avg_sq") if amsgrad else None)
+                        and c.data_ptr == p.data_ptr() and c.stride == p.stride()
+                        and c.dtype is p.dtype and c.step is state.get("step")
+                        and g.layout is strided and g.dtype is p.dtype and g.is_cpu
+                        and g.is_contiguous() and g.shape == p.shape):
+                    ps.append(c.p_np)
+                    gs.append((g.detach() if g.requires_grad else g).numpy())
+                    ms.append(c.m_np)
+                    vs.append(c.v_np)
+                    if amsgrad:
+                        vmaxs.append(c.vmax_np)
+                    states.append(c.step_view)
+                    labels.append(i)
+                    tparams.append(p)
+                    continue
+                del cache[p]
+            where = f"parameter {i} of param group {gi}"
+            if p.device.type != "cpu" or (p.dtype not in _SUPPORTED and p.dtype not in _COMPLEX):
+                V.check_param(cls, p, where)
+            if g.device.type != "cpu":
+                raise ValueError(f"{cls}: the gradient of {where} is on device '{g.device}'; "
+                                 "fastadam steps CPU tensors only")
+            state = self.state[p]
+            if len(state) == 0:
+                state.update(self._new_state(p, amsgrad))
+            elif amsgrad and "max_exp_avg_sq" not in state:
+                state.update(V.new_state(p, ("max_exp_avg_sq",)))
+            step_view = V.step_view(state)   # converts an int/float step to a tensor
+            if g.is_sparse:
+                ops = V.sparse_operands(cls, p, g, where)
+                V.check_state(cls, state, keys, p, where)
+                for k in keys:
+                    V.as_state_layout(state, k, p, "contiguous")
+                sparse.append((p, state, step_view, ops))
+                continue
+            if g.layout != torch.strided:
+                raise ValueError(f"{cls}: the gradient of {where} has layout {g.layout}; "
+                                 "dense (strided) or sparse COO gradients only")
+            if g.dtype != p.dtype or g.shape != p.shape:
+                raise TypeError(f"{cls}: the gradient of {where} is {g.dtype} {tuple(g.shape)}, "
+                                f"the parameter is {p.dtype} {tuple(p.shape)}")
+            V.check_state(cls, state, keys, p, where,
+                          " (load_state_dict from another model?)")
+            sts = [state[k] for k in keys]
+            if p.is_contiguous() and g.is_contiguous() and all(t.is_contiguous() for t in sts):
+                pv, gv, tv = p, g, sts
+                cvt = V.np_view
+                if not p.is_complex():
+                    views = [cvt(t) for t in tv]
+                    cache[p] = V.Views(sts[0], sts[1], sts[2] if amsgrad else None,
+                                       p.data_ptr(), p.stride(), p.dtype, state["step"], cvt(p),
+                                       views[0], views[1], views[2] if amsgrad else None,
+                                       amsgrad, step_view)
+            elif V.is_dense(p):
+                # Permuted but gap-free (e.g. a transposed or channels_last weight):
+                # step the memory block in place; grad/state must share p's layout.
+                tv = [V.as_state_layout(state, k, p, "dense") for k in keys]
+                gv = g if V.same_layout(g, p) else \
+                    torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
+                pv = p
+                cvt = V.flat_np_view
+            else:
+                # A view with gaps (e.g. a slice of a larger tensor): step a
+                # contiguous copy and copy it back after the native call.
+                tv = [V.as_state_layout(state, k, p, "contiguous") for k in keys]
+                gv = g.contiguous()
+                pv = p.detach().clone(memory_format=torch.contiguous_format)
+                copy_back.append((p, pv))
+                cvt = V.np_view
+            if p.is_complex():
+                pv, gv = V.real(pv), V.real(gv)
+                tv = [V.real(t) for t in tv]
+            ps.append(cvt(pv))
+            gs.append(cvt(gv))
+            ms.append(cvt(tv[0]))
+            vs.append(cvt(tv[1]))
+            if amsgrad:
+                vmaxs.append(cvt(tv[2]))
+            states.append(step_view)
+            labels.append(i)
+            tparams.append(p)
+        return ps, gs, ms, vs, vmaxs, states, labels, tparams, copy_back, sparse
+
+    def _plan(self, gathered, gs_val):
+        """Plan every group's native calls (validating hyperparameters, ``grad_scale``
+        and row ids) without writing. Returns ``(plan, finish)``: the calls for
+        :func:`fastadam.functional.run` and, per group, what to count afterwards."""
+        plan = []
+        finish = []
+        n_threads = self.n_threads
+        if gs_val is not None:
+            check_grad_scale(gs_val)   # the sparse path divides by it
+        for group, (ps, gs, ms, vs, vmaxs, states, labels, tparams, copy_back,
+                    sparse) in zip(self.param_groups, gathered):
+            lr = _num(group["lr"])
+            b1, b2 = group["betas"]
+            betas = (_num(b1), _num(b2))
+            amsgrad = group["amsgrad"]
+            steps = None
+            if ps:
+                steps = [int(sv) + 1 for sv in states]   # states: 0-d views of 'step'
+                s0 = steps[0]
+                if steps.count(s0) == len(steps):
+                    steps = s0              # one int: validated once
+                plan += _F.plan_adam(
+                    ps, gs, ms, vs, steps=steps, lr=lr, betas=betas, eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
+                    max_exp_avg_sqs=vmaxs if amsgrad else None, maximize=group["maximize"],
+                    grad_scale=gs_val, n_threads=n_threads, labels=labels)
+            for p, state, sv, (table, ids, vals) in sparse:
+                if gs_val is not None:
+                    vals = vals / gs_val
+                shape = table.shape
+                plan += plan_sparse_adam(
+                    table.numpy(), ids.numpy(), vals.detach().numpy(),
+                    state["exp_avg"].view(shape).numpy(),
+                    state["exp_avg_sq"].view(shape).numpy(),
+                    step=int(sv) + 1, lr=lr, betas=betas, eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
+                    max_exp_avg_sq=state["max_exp_avg_sq"].view(shape).numpy() if amsgrad
+                    else None,
+                    maximize=group["maximize"], n_threads=n_threads)
+            finish.append((states, steps, tparams, copy_back, sparse))
+        return plan, finish
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step (optionally re-evaluating ``closure``).
+
+        Returns the closure's loss, like torch. Parameters whose ``grad`` is
+        None are skipped. With ``GradScaler``, gradients are unscaled inside
+        the kernel (``grad_scale``) and the whole step is skipped when
+        ``found_inf`` is set, as torch's fused Adam does. Every group is
+        validated before any is written: a rejected step changes no parameter,
+        state value or ``step``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        gathered = [self._gather_group(gi, g) for gi, g in enumerate(self.param_groups)]
+        if found_inf is not None and _num(found_inf) != 0.0:
+            return loss  # overflow: skip the update, steps unchanged (torch fused semantics)
+        plan, finish = self._plan(gathered, None if grad_scale is None else _num(grad_scale))
+        _F.run(plan)
+        for states, steps, tparams, copy_back, sparse in finish:
+            if steps is not None:
+                if isinstance(steps, int):
+                    for sv in states:
+                        sv[()] = steps
+                else:
+                    for sv, s in zip(states, steps):
+                        sv[()] = s
+                for p, pv in copy_back:
+                    p.copy_(pv)
+                V.bump_versions(tparams)
+            if sparse:
+                for _, _, sv, _ in sparse:
+                    sv[()] += 1
+                V.bump_versions([p for p, _, _, _ in sparse])
+        return loss
+
+
+_KEYS = ("exp_avg", "exp_avg_sq")
+_KEYS_AMS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class AdamW(Adam):
+    """Drop-in for ``torch.optim.AdamW``: :class:`Adam` with decoupled weight decay
+    (default ``weight_decay=1e-2``)."""
+
+    _decoupled_default = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, n_threads=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, n_threads=n_threads)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

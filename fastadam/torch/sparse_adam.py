@@ -1,0 +1,176 @@
+"""Design: ``SparseAdam``, the torch.optim drop-in (layer 4, ``fastadam.torch``).
+
+Contract: ``torch.optim.SparseAdam``'s arguments, defaults, errors and state
+(``step`` an int, ``exp_avg``, ``exp_avg_sq``), stepped by fastadam's sparse
+kernel on zero-copy numpy views; only the rows present in a gradient change.
+A step plans before it writes: every parameter's tensors are checked, every
+call is planned with :func:`fastadam.sparse.plan_sparse_adam` (hyperparameters
+and row ids validated), and only then are all plans run and the steps
+counted, so a rejected step leaves every table, state value and ``step``
+bit-identical (state created for a first step may remain, zeroed, as with
+torch). With one table the single call is :func:`fastadam.sparse_adam_step`,
+which validates everything (ids in its merge pass) before it writes.
+"""
+import torch
+from torch.optim.optimizer import Optimizer
+
+from .. import functional as _F
+from ..sparse import plan_sparse_adam, sparse_adam_step
+from . import _views as V
+
+__all__ = ["SparseAdam"]
+
+_num = V.num
+
+
+class SparseAdam(Optimizer):
+    r"""Drop-in for ``torch.optim.SparseAdam`` on fastadam's sparse kernel.
+
+    Same arguments, defaults, errors and state (``step`` an int, ``exp_avg``,
+    ``exp_avg_sq``) as torch. Each step touches only the rows present in the
+    sparse gradient; duplicate row ids are summed inside the kernel (torch
+    coalesces first). Extra keyword: ``n_threads``.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *,
+                 n_threads=None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 < lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 < eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        self.n_threads = n_threads
+        self._fa_views = {}
+        defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
+        super().__init__(params, defaults)
+        sparse_params = []
+        complex_params = []
+        for index, param_group in enumerate(self.param_groups):
+            for d_index, d_param in enumerate(param_group["params"]):
+                if d_param.is_sparse:
+                    sparse_params.append([index, d_index])
+                if d_param.is_complex():
+                    complex_params.append([index, d_index])
+        if sparse_params:
+            raise ValueError(f"Sparse params at indices {sparse_params}: SparseAdam requires "
+                             "dense parameter tensors")
+        if complex_params:
+            raise ValueError(f"Complex params at indices {complex_params}: SparseAdam does not "
+                             "support complex parameters")
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                V.check_param("SparseAdam", p, f"parameter {i} of param group {gi}")
+
+    def __getstate__(self):
+        d = super().__getstate__()
+        d["n_threads"] = self.n_threads
+        return d
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("n_threads", None)
+        self._fa_views = {}
+
+    def load_state_dict(self, state_dict):
+        self._fa_views = {}  # drop views of the replaced state tensors
+        super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step (optionally re-evaluating ``closure``).
+
+        Every parameter is validated before any is written: a rejected step
+        changes no table, state value or ``step``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        cache = self._fa_views
+        state_of = self.state
+        coo = torch.sparse_coo
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                # Fast path: p stepped before, same state tensors, same memory, a
+                # COO gradient over the first dimension (nn.Embedding's): reuse the
+                # validated numpy views; only the gradient is viewed afresh. Every
+                # torch call counts here: the kernel leaves the caches cold.
+                c = cache.get(p)
+                if c is not None:
+                    state = state_of.get(p)
+                    if (state is not None and c.m is state.get("exp_avg")
+                            and c.v is state.get("exp_avg_sq")
+                            and c.data_ptr == p.data_ptr() and c.dtype is p.dtype
+                            and c.shape == p.shape and g.layout is coo and g.dtype is p.dtype
+                            and g.is_cpu and g.sparse_dim() == 1 and g.shape == p.shape):
+                        ix = g._indices()
+                        vals = g._values()
+                        if ix.is_contiguous() and vals.is_contiguous():
+                            vn = (vals.detach() if vals.requires_grad else vals).numpy()
+                            vn = vn.reshape(vn.shape[0], c.table_np.shape[1])
+                            work.append((group, state, (c.table_np, ix.numpy()[0], vn,
+                                                        c.m_np, c.v_np), p))
+                            continue
+                    del cache[p]
+                where = f"parameter {i} of param group {gi}"
+                if not g.is_sparse:
+                    raise RuntimeError("SparseAdam does not support dense gradients, please "
+                                       "consider Adam instead")
+                V.check_param("SparseAdam", p, where)
+                if g.device.type != "cpu":
+                    raise ValueError(f"SparseAdam: the gradient of {where} is on device "
+                                     f"'{g.device}'; fastadam steps CPU tensors only")
+                table, ids, vals = V.sparse_operands("SparseAdam", p, g, where)
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state.update(V.new_state(p, ("exp_avg", "exp_avg_sq")))
+                for k in ("exp_avg", "exp_avg_sq"):
+                    t = state[k]
+                    if t.shape != p.shape or t.dtype != p.dtype or not t.is_contiguous():
+                        state[k] = t = t.to(dtype=p.dtype).contiguous()
+                        if t.shape != p.shape:
+                            raise ValueError(f"SparseAdam: state '{k}' of {where} has shape "
+                                             f"{tuple(t.shape)}, expected {tuple(p.shape)}")
+                views = (table.numpy(), ids.numpy(), vals.detach().numpy(),
+                         state["exp_avg"].view(table.shape).numpy(),
+                         state["exp_avg_sq"].view(table.shape).numpy())
+                if g.sparse_dim() == 1:
+                    cache[p] = V.SViews(state["exp_avg"], state["exp_avg_sq"], p.data_ptr(),
+                                       p.dtype, p.shape, views[0], views[3], views[4])
+                work.append((group, state, views, p))
+        n_threads = self.n_threads
+        if len(work) == 1:
+            # One table: sparse_adam_step validates everything before it writes (the
+            # ids in its merge pass), so the plan's separate id pass is not needed.
+            group, state, (table, ids, vals, m, v), _ = work[0]
+            b1, b2 = group["betas"]
+            sparse_adam_step(table, ids, vals, m, v, step=int(state["step"]) + 1,
+                             lr=_num(group["lr"]), betas=(_num(b1), _num(b2)),
+                             eps=group["eps"], maximize=group.get("maximize", False),
+                             n_threads=n_threads)
+        else:
+            plan = []
+            for group, state, views, _ in work:
+                plan += plan_sparse_adam(*views, **_kwargs(group, state, n_threads))
+            _F.run(plan)
+        for _, state, _, _ in work:
+            state["step"] = int(state["step"]) + 1
+        V.bump_versions([p for _, _, _, p in work])
+        return loss
+
+
+def _kwargs(group, state, n_threads):
+    """The keyword arguments of one table's sparse step."""
+    b1, b2 = group["betas"]
+    return dict(step=int(state["step"]) + 1, lr=_num(group["lr"]), betas=(_num(b1), _num(b2)),
+                eps=group["eps"], maximize=group.get("maximize", False), n_threads=n_threads)

@@ -39,6 +39,7 @@ def make_bag_data(seed=2, n=16):
 def _train(model, x, y, steps, lr, weight_decay):
     """Step fastadam.torch.AdamW ``steps`` times on the whole batch; final parameters."""
     import torch
+
     from fastadam.torch import AdamW
     opt = AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
@@ -71,14 +72,15 @@ def _train_ddp(model, opt, x, y, steps):
 def ddp_worker(rank, world, port, steps, out_dir, lr=1e-2):
     """DDP with plain fastadam AdamW, DDP with ZeroRedundancyOptimizer(fastadam AdamW),
     and DDP of a model with sparse embedding gradients (mixed fastadam AdamW)."""
+    import faulthandler
     import gc
 
     import torch
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     from fastadam.torch import AdamW
-    import faulthandler
     faulthandler.dump_traceback_later(75, exit=True)   # a hang prints its stack and exits
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"

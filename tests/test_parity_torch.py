@@ -4,10 +4,9 @@ torch is installed in CI (.ci/run pins torch==2.13.0): these tests run there.
 """
 import numpy as np
 import pytest
+from conftest import assert_bitwise, make_state
 
 import fastadam as fa
-
-from conftest import assert_bitwise, make_state
 
 torch = pytest.importorskip("torch")
 

@@ -19,6 +19,7 @@ from fastadam import torch as fat  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import _torch_helpers as H  # noqa: E402
 
+
 def _pair(cls_fa, cls_t, shapes, dtype=torch.float32, seed=0, groups=None, **kw):
     """Two copies of the same parameters with a fastadam and a torch optimizer."""
     g = torch.Generator().manual_seed(seed)
@@ -135,7 +136,7 @@ def test_zero_copy_and_one_native_call_per_group(monkeypatch):
     a = [torch.nn.Parameter(torch.randn(s)) for s in [(8, 8), (16,), (3, 5), (32,)]]
     opt = fat.AdamW([{"params": a[:3]}, {"params": a[3:], "lr": 0.1}])
     ptrs = [p.data_ptr() for p in a]
-    for s in range(3):
+    for _s in range(3):
         for p in a:
             p.grad = torch.randn_like(p)
         opt.step()
@@ -181,7 +182,7 @@ def test_complex_params_like_torch():
     z = torch.randn(16, dtype=torch.complex64, generator=g)
     a, b = torch.nn.Parameter(z.clone()), torch.nn.Parameter(z.clone())
     oa, ob = fat.AdamW([a], lr=1e-2), torch.optim.AdamW([b], lr=1e-2, foreach=False)
-    for s in range(5):
+    for _s in range(5):
         gr = torch.randn(16, dtype=torch.complex64, generator=g)
         a.grad, b.grad = gr.clone(), gr.clone()
         oa.step()
@@ -219,7 +220,7 @@ def test_gapped_view_param_copy_back():
     q = torch.nn.Parameter(big[:, :6].contiguous())
     assert not p.is_contiguous()
     op, oq = fat.AdamW([p], lr=1e-2), fat.AdamW([q], lr=1e-2)
-    for s in range(3):
+    for _s in range(3):
         gr = torch.randn(8, 6)
         p.grad, q.grad = gr.clone(), gr.clone()
         op.step()
@@ -239,7 +240,7 @@ def test_state_relaid_after_loading_contiguous_state_for_transposed_param():
     oc.step()
     pt.data.copy_(pc.detach())
     ot.load_state_dict(_roundtrip(oc.state_dict()))  # contiguous exp_avg, transposed param
-    for s in range(2):
+    for _s in range(2):
         gr = torch.randn(16, 16)
         pt.grad, pc.grad = gr.clone(), gr.clone()
         ot.step()
@@ -445,7 +446,7 @@ def test_sparse_adam_matches_torch():
     ob = torch.optim.SparseAdam(eb.parameters(), lr=5e-3, betas=(0.8, 0.99), eps=1e-6,
                                 maximize=True)
     touched = set()
-    for s in range(8):
+    for _s in range(8):
         ids = torch.randint(0, 60, (30,))   # duplicates; rows >= 60 never touched
         touched.update(ids.tolist())
         w = torch.randn(30, 24)

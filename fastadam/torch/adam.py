@@ -21,9 +21,10 @@ rejected step leaves every parameter, state value and ``step`` bit-identical
 import torch
 from torch.optim.optimizer import Optimizer
 
+from .. import _threads
 from .. import functional as _F
 from .._validate import check_grad_scale, check_hyper
-from ..sparse import plan_sparse_adam
+from ..functional import plan_sparse_adam
 from . import _views as V
 
 __all__ = ["Adam", "AdamW"]
@@ -83,10 +84,7 @@ class Adam(Optimizer):
         betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b
                       for b in betas)
         check_hyper(_num(lr), tuple(_num(b) for b in betas), eps, weight_decay)
-        if n_threads is not None:
-            from .. import _threads
-            _threads.resolve(n_threads, 0)  # validate now
-        self.n_threads = n_threads
+        self.n_threads = _threads.check(n_threads)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
@@ -273,7 +271,7 @@ class Adam(Optimizer):
                     decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
                     max_exp_avg_sqs=vmaxs if amsgrad else None, maximize=group["maximize"],
                     grad_scale=gs_val, n_threads=n_threads, labels=labels)
-            for p, state, sv, (table, ids, vals) in sparse:
+            for _p, state, sv, (table, ids, vals) in sparse:
                 if gs_val is not None:
                     vals = vals / gs_val
                 shape = table.shape

@@ -14,8 +14,9 @@ which validates everything (ids in its merge pass) before it writes.
 import torch
 from torch.optim.optimizer import Optimizer
 
+from .. import _threads
 from .. import functional as _F
-from ..sparse import plan_sparse_adam, sparse_adam_step
+from ..functional import plan_sparse_adam, sparse_adam_step
 from . import _views as V
 
 __all__ = ["SparseAdam"]
@@ -44,7 +45,7 @@ class SparseAdam(Optimizer):
             raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
         if not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        self.n_threads = n_threads
+        self.n_threads = _threads.check(n_threads)
         self._fa_views = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
         super().__init__(params, defaults)

@@ -1,6 +1,7 @@
 """``show_config()``: what was built and what was chosen at import."""
 import platform
 import sys
+from typing import Any, Optional, TextIO
 
 import numpy as np
 
@@ -15,7 +16,7 @@ def _build_info():
     return BUILD_INFO
 
 
-def config():
+def config() -> dict[str, Any]:
     """The configuration as a dict (the bench records it with every result)."""
     from . import __version__
     info = _build_info()
@@ -51,7 +52,7 @@ def _cpu_model():
     return platform.processor() or "unknown"
 
 
-def show_config(file=None):
+def show_config(file: Optional[TextIO] = None) -> None:
     """Print the build and runtime configuration.
 
     Names the chosen kernel module and why, the modules built and usable on

@@ -18,6 +18,7 @@ kernels' names.
 Inputs are validated before they get here (``fastadam._validate``).
 """
 import math
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class Kernels:
 
 KERNELS = Kernels(_dispatch.kernels)
 
-_cache = {}
+_cache: dict[tuple[Any, ...], tuple[tuple[float, ...], int]] = {}
 
 
 def hyper_args(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale,

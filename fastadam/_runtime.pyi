@@ -1,3 +1,5 @@
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -7,8 +9,9 @@ def omp_max_threads() -> int: ...
 def have_openmp() -> bool: ...
 def addresses(arrays: list[np.ndarray], out: npt.NDArray[np.int64]) -> None: ...
 def first_overlap(arrays: tuple[np.ndarray | None, ...]) -> tuple[int, int] | None: ...
-def scan_lists(params: list[np.ndarray], grads: list[np.ndarray], exp_avgs: list[np.ndarray],
-               exp_avg_sqs: list[np.ndarray], vmaxs: list[np.ndarray] | None,
+def scan_lists(params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
+               exp_avgs: Sequence[np.ndarray], exp_avg_sqs: Sequence[np.ndarray],
+               vmaxs: Sequence[np.ndarray] | None,
                ptrs: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64],
                is64: npt.NDArray[np.int8]) -> int: ...
 def first_conflict(lo: npt.NDArray[np.int64], nbytes: npt.NDArray[np.int64],

@@ -8,6 +8,7 @@ costs more than it saves there (threshold measured with ``python -m bench
 --scenario threshold``).
 """
 import operator
+from typing import Optional
 
 from . import _runtime
 
@@ -23,10 +24,10 @@ FP64_COST = 4
 # Sparse kernels: below this many touched elements (rows * dim), one thread.
 SPARSE_SERIAL_THRESHOLD = 16384
 
-_user_threads = None
+_user_threads: Optional[int] = None
 
 
-def check(n_threads, name="n_threads"):
+def check(n_threads: Optional[int], name: str = "n_threads") -> Optional[int]:
     """Validate a thread count: an int >= 1, or None (resolve at call time)."""
     if n_threads is None or type(n_threads) is int and n_threads >= 1:
         return n_threads
@@ -40,20 +41,20 @@ def check(n_threads, name="n_threads"):
     return n
 
 
-def set_num_threads(n):
+def set_num_threads(n: Optional[int]) -> None:
     """Set the default thread count for all fastadam calls (None: reset to OpenMP's)."""
     global _user_threads
     _user_threads = check(n, "set_num_threads: n")
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """Threads a call with ``n_threads=None`` uses (for inputs above the serial threshold)."""
     if _user_threads is not None:
         return _user_threads
     return _runtime.omp_max_threads()
 
 
-def resolve(n_threads, work, threshold=SERIAL_THRESHOLD):
+def resolve(n_threads: Optional[int], work: int, threshold: int = SERIAL_THRESHOLD) -> int:
     """Threads for one call over ``work`` elements.
 
     Each thread gets at least ``threshold`` elements, so small inputs run
@@ -65,6 +66,6 @@ def resolve(n_threads, work, threshold=SERIAL_THRESHOLD):
             return 1
         n = _user_threads if _user_threads is not None else _runtime.omp_max_threads()
     else:
-        n = check(n_threads)
+        n = check(n_threads) or 1      # never None here: n_threads is not None
     cap = work // threshold
     return n if n <= cap else (cap if cap > 1 else 1)

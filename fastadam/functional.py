@@ -10,8 +10,11 @@ param group first and :func:`run` the plans after, so a bad value anywhere
 writes nothing anywhere.
 """
 import math
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _plan, _runtime, _threads
 from ._validate import (
@@ -32,6 +35,13 @@ from ._validate import (
 __all__ = ["adam_step", "adamw_step", "adam", "adamw", "sparse_adam_step", "grad_norm",
            "plan_adam", "plan_sparse_adam", "run"]
 
+Array = npt.NDArray[Any]
+Real = Union[float, int]
+Betas = tuple[Real, Real]
+Steps = Union[int, Sequence[int]]
+#: What ``plan_adam``/``plan_sparse_adam`` return and :func:`run` runs.
+Plan = list[tuple[Callable[..., Any], tuple[Any, ...]]]
+
 _SINGLE_NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
 _LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
@@ -47,9 +57,12 @@ def _kernels():
 
 # ------------------------------------------------------------------ dense
 
-def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
-              eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
-              max_exp_avg_sq=None, maximize=False, grad_scale=None, n_threads=None):
+def adam_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, step: int,
+              lr: Real = 1e-3, betas: Betas = (0.9, 0.999), eps: Real = 1e-8,
+              weight_decay: Real = 0.0, decoupled_weight_decay: bool = False,
+              amsgrad: bool = False, max_exp_avg_sq: Optional[Array] = None,
+              maximize: bool = False, grad_scale: Optional[Real] = None,
+              n_threads: Optional[int] = None) -> None:
     """One fused Adam (or AdamW) step over one buffer, in place.
 
     Parameters
@@ -147,9 +160,11 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
     return [(kernel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, args, flags, nt))]
 
 
-def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
-               eps=1e-8, weight_decay=1e-2, amsgrad=False, max_exp_avg_sq=None,
-               maximize=False, grad_scale=None, n_threads=None):
+def adamw_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, step: int,
+               lr: Real = 1e-3, betas: Betas = (0.9, 0.999), eps: Real = 1e-8,
+               weight_decay: Real = 1e-2, amsgrad: bool = False,
+               max_exp_avg_sq: Optional[Array] = None, maximize: bool = False,
+               grad_scale: Optional[Real] = None, n_threads: Optional[int] = None) -> None:
     """AdamW: ``adam_step`` with decoupled weight decay (default ``weight_decay=1e-2``).
 
     Examples
@@ -166,7 +181,7 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0
               n_threads=n_threads)
 
 
-def _as_list(name, x, n=None):
+def _as_list(name: str, x: Any, n: Optional[int] = None) -> list[Any]:
     if isinstance(x, np.ndarray) or not isinstance(x, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of numpy arrays, got {type(x).__name__}")
     if n is not None and len(x) != n:
@@ -174,9 +189,12 @@ def _as_list(name, x, n=None):
     return list(x)
 
 
-def adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.999),
-         eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
-         max_exp_avg_sqs=None, maximize=False, grad_scale=None, n_threads=None):
+def adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequence[Array],
+         exp_avg_sqs: Sequence[Array], *, steps: Steps, lr: Real = 1e-3,
+         betas: Betas = (0.9, 0.999), eps: Real = 1e-8, weight_decay: Real = 0.0,
+         decoupled_weight_decay: bool = False, amsgrad: bool = False,
+         max_exp_avg_sqs: Optional[Sequence[Array]] = None, maximize: bool = False,
+         grad_scale: Optional[Real] = None, n_threads: Optional[int] = None) -> None:
     """Step a list of arrays of any lengths in ONE native call (per dtype).
 
     Same update as :func:`adam_step`, applied to ``params[i]`` with
@@ -205,23 +223,28 @@ def adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.
                   n_threads=n_threads))
 
 
-def adamw(params, grads, exp_avgs, exp_avg_sqs, *, steps, weight_decay=1e-2, **kwargs):
+def adamw(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequence[Array],
+          exp_avg_sqs: Sequence[Array], *, steps: Steps, weight_decay: Real = 1e-2,
+          **kwargs: Any) -> None:
     """AdamW over lists: :func:`adam` with ``decoupled_weight_decay=True``."""
     adam(params, grads, exp_avgs, exp_avg_sqs, steps=steps, weight_decay=weight_decay,
          decoupled_weight_decay=True, **kwargs)
 
 
-def run(plan):
+def run(plan: Plan) -> None:
     """Run the native calls of a plan from :func:`plan_adam` or
     :func:`plan_sparse_adam` (validated already: nothing here can reject)."""
     for kernel, args in plan:
         kernel(*args)
 
 
-def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.9, 0.999),
-              eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
-              max_exp_avg_sqs=None, maximize=False, grad_scale=None, n_threads=None,
-              labels=None):
+def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequence[Array],
+              exp_avg_sqs: Sequence[Array], *, steps: Steps, lr: Real = 1e-3,
+              betas: Betas = (0.9, 0.999), eps: Real = 1e-8, weight_decay: Real = 0.0,
+              decoupled_weight_decay: bool = False, amsgrad: bool = False,
+              max_exp_avg_sqs: Optional[Sequence[Array]] = None, maximize: bool = False,
+              grad_scale: Optional[Real] = None, n_threads: Optional[int] = None,
+              labels: Optional[Sequence[int]] = None) -> Plan:
     """Validate everything for :func:`adam` and return its plan -- one native
     call per dtype combination -- without running it (see :func:`run`).
 
@@ -240,7 +263,8 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
         names = tuple(f"{name}[{lab(0)}]" for name in _LIST_NAMES + ("steps",))
         return _plan_single(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], s0, lr, betas,
                             eps, weight_decay, decoupled_weight_decay, amsgrad,
-                            max_exp_avg_sqs[0] if amsgrad else None, maximize, grad_scale,
+                            max_exp_avg_sqs[0] if amsgrad and max_exp_avg_sqs else None,
+                            maximize, grad_scale,
                             n_threads, names)
     grads = _as_list("grads", grads, n)
     exp_avgs = _as_list("exp_avgs", exp_avgs, n)
@@ -270,13 +294,13 @@ def plan_adam(params, grads, exp_avgs, exp_avg_sqs, *, steps, lr=1e-3, betas=(0.
         # raises the precise error, or accepts a mixed-dtype combination)
         keys = _scan_entries(lists, ptrs, sizes, key_of, lab)
     nl = len(lists)
-    nbytes = np.empty((nl, n), dtype=np.int64)
+    span = np.empty((nl, n), dtype=np.int64)      # bytes of every buffer
     if bad < 0:
-        nbytes[...] = sizes * np.where(key_of != 0, 8, 4)  # (np.tile leaks in numpy 2.4)
+        span[...] = sizes * np.where(key_of != 0, 8, 4)  # (np.tile leaks in numpy 2.4)
     else:
         for j, lst in enumerate(lists):
-            nbytes[j] = [a.nbytes for a in lst]
-    nbytes = nbytes.ravel()
+            span[j] = [a.nbytes for a in lst]
+    nbytes = span.ravel()
     is_out = np.ones(nl * n, dtype=np.int8)
     is_out[n:2 * n] = 0  # grads are only read
     hit = _runtime.first_conflict(ptrs[:nl].ravel(), nbytes, is_out)
@@ -344,7 +368,8 @@ def _scan_entries(lists, ptrs, sizes, key_of, lab):
     return keys
 
 
-def grad_norm(grads, *, n_threads=None):
+def grad_norm(grads: Union[Array, Sequence[Array]], *,
+              n_threads: Optional[int] = None) -> float:
     """L2 norm of all gradients together, in one threaded pass.
 
     Accumulates in double over fixed blocks (bitwise identical for any thread
@@ -362,7 +387,7 @@ def grad_norm(grads, *, n_threads=None):
     if isinstance(grads, np.ndarray):
         grads = [grads]
     grads = _as_list("grads", grads)
-    groups = {}
+    groups: dict[np.dtype, list[Array]] = {}
     for i, g in enumerate(grads):
         dt = check_buffer(f"grads[{i}]", g, writable=False)
         groups.setdefault(dt, []).append(g)
@@ -393,10 +418,13 @@ _SPARSE_OUT_NAMES = ("table", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "row_st
 _SPARSE_BAD_ID = 1
 
 
-def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr=1e-3,
-                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                     decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
-                     maximize=False, row_step=None, n_threads=None):
+def sparse_adam_step(table: Array, indices: Array, grad_rows: Array, exp_avg: Array,
+                     exp_avg_sq: Array, *, step: Optional[int] = None, lr: Real = 1e-3,
+                     betas: Betas = (0.9, 0.999), eps: Real = 1e-8, weight_decay: Real = 0.0,
+                     decoupled_weight_decay: bool = False, amsgrad: bool = False,
+                     max_exp_avg_sq: Optional[Array] = None, maximize: bool = False,
+                     row_step: Optional[Array] = None,
+                     n_threads: Optional[int] = None) -> None:
     """One sparse ("lazy") Adam step of the rows of ``table`` that a batch touched, in place.
 
     Duplicate ids are summed first (in native code, in batch order, so the
@@ -508,10 +536,13 @@ def sparse_adam_step(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=Non
                      row_step, n_threads))
 
 
-def plan_sparse_adam(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr=1e-3,
-                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                     decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
-                     maximize=False, row_step=None, n_threads=None):
+def plan_sparse_adam(table: Array, indices: Array, grad_rows: Array, exp_avg: Array,
+                     exp_avg_sq: Array, *, step: Optional[int] = None, lr: Real = 1e-3,
+                     betas: Betas = (0.9, 0.999), eps: Real = 1e-8, weight_decay: Real = 0.0,
+                     decoupled_weight_decay: bool = False, amsgrad: bool = False,
+                     max_exp_avg_sq: Optional[Array] = None, maximize: bool = False,
+                     row_step: Optional[Array] = None,
+                     n_threads: Optional[int] = None) -> Plan:
     """Validate a :func:`sparse_adam_step` call completely -- row ids and per-row
     counts included -- and return its plan (run it with
     :func:`fastadam.functional.run`) without writing anything.
@@ -606,7 +637,7 @@ def _check_indices(indices, n_rows):
     return np.ascontiguousarray(indices, dtype=np.int64)
 
 
-def check_row_step(row_step, n_rows):
+def check_row_step(row_step: Any, n_rows: int) -> None:
     """Check a per-row step-count buffer: int64, ``(n_rows,)``, contiguous, writable."""
     if not isinstance(row_step, np.ndarray):
         raise TypeError(f"row_step must be a numpy.ndarray of int64, got {describe(row_step)}")

@@ -12,8 +12,12 @@ bit-identical. Every ``step`` plans all its kernel calls before running any.
 """
 import copy
 import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _plan, _threads
 from . import functional as F
@@ -29,11 +33,15 @@ from ._validate import (
 
 __all__ = ["Adam", "AdamW", "SparseAdam", "save", "load", "new_state"]
 
+Array = npt.NDArray[Any]
+StateDict = dict[str, Any]
+
 _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
                "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 
 
-def new_state(shape, dtype, amsgrad=False, rowwise_shape=None):
+def new_state(shape: tuple[int, ...], dtype: npt.DTypeLike, amsgrad: bool = False,
+              rowwise_shape: Optional[tuple[int, ...]] = None) -> dict[str, Any]:
     """Fresh zeroed optimizer state for a parameter: ``step`` 0, ``exp_avg``,
     ``exp_avg_sq`` (of ``rowwise_shape`` if given) and, with amsgrad,
     ``max_exp_avg_sq``, all of ``dtype`` (``np.zeros``: pages are only
@@ -78,9 +86,11 @@ class Adam:
     _defaults_wd = 0.0
     _decoupled = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=None,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=None,
-                 n_threads=None):
+    def __init__(self, params: Iterable[Union[Array, dict[str, Any]]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: Optional[float] = None, amsgrad: bool = False, *,
+                 maximize: bool = False, decoupled_weight_decay: Optional[bool] = None,
+                 n_threads: Optional[int] = None) -> None:
         if weight_decay is None:
             weight_decay = self._defaults_wd
         if decoupled_weight_decay is None:
@@ -92,18 +102,18 @@ class Adam:
                              capturable=False, differentiable=False, fused=None,
                              decoupled_weight_decay=bool(decoupled_weight_decay))
         self.n_threads = n_threads
-        params = list(params)
-        if not params:
+        plist = list(params)
+        if not plist:
             raise ValueError("optimizer got an empty parameter list")
-        if not isinstance(params[0], dict):
-            params = [{"params": params}]
-        self.param_groups = []
-        self.state = {}
-        for g in params:
+        groups: list[Any] = plist if isinstance(plist[0], dict) else [{"params": plist}]
+        self.param_groups: list[dict[str, Any]] = []
+        # state by id() of the parameter array
+        self.state: dict[int, dict[str, Any]] = {}
+        for g in groups:
             self.add_param_group(g)
 
     # -- groups and state ------------------------------------------------
-    def add_param_group(self, group):
+    def add_param_group(self, group: dict[str, Any]) -> None:
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError("a param group must be a dict with a 'params' list")
         group = dict(group)
@@ -129,7 +139,8 @@ class Adam:
         return new_state(p.shape, _plan.state_dtype(p.dtype), amsgrad)
 
     # -- the step ---------------------------------------------------------
-    def step(self, grads, *, grad_scale=None):
+    def step(self, grads: Sequence[Optional[Array]], *,
+             grad_scale: Optional[float] = None) -> None:
         """Apply one update. ``grads`` aligns with the parameters (all groups, in
         order); a ``None`` entry skips that parameter (as torch skips
         ``grad is None``). ``grad_scale`` divides every gradient (AMP).
@@ -177,16 +188,16 @@ class Adam:
             st["max_exp_avg_sq"] = np.zeros_like(st["exp_avg_sq"])
         return st["max_exp_avg_sq"]
 
-    def zero_grad(self):  # numpy grads are owned by the caller
+    def zero_grad(self) -> None:  # numpy grads are owned by the caller
         pass
 
     # -- checkpoints --------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self) -> StateDict:
         """torch layout: ``{'state': {i: {...}}, 'param_groups': [{..., 'params': [i...]}]}``.
 
         Arrays are the live state buffers (like torch); copy or ``save`` them.
         """
-        index = {}
+        index: dict[int, int] = {}
         groups = []
         for g in self.param_groups:
             gd = {k: v for k, v in g.items() if k != "params"}
@@ -198,7 +209,7 @@ class Adam:
         state = {index[pid]: dict(st) for pid, st in self.state.items() if pid in index}
         return {"state": state, "param_groups": groups}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: StateDict) -> None:
         """Load a state dict from :meth:`state_dict`, :func:`load` or
         ``torch.optim.Adam.state_dict()`` converted to numpy (tensors are
         accepted via ``numpy()``). Values are copied into fresh buffers.
@@ -306,10 +317,13 @@ class SparseAdam:
     _EXT = (("weight_decay", 0.0), ("decoupled_weight_decay", False), ("amsgrad", False),
             ("rowwise", False), ("per_row_step", False))
 
-    def __init__(self, table, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *,
-                 weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, rowwise=False,
-                 per_row_step=False, exp_avg=None, exp_avg_sq=None, max_exp_avg_sq=None,
-                 row_step=None, n_threads=None):
+    def __init__(self, table: Array, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, maximize: bool = False, *, weight_decay: float = 0.0,
+                 decoupled_weight_decay: bool = False, amsgrad: bool = False,
+                 rowwise: bool = False, per_row_step: bool = False,
+                 exp_avg: Optional[Array] = None, exp_avg_sq: Optional[Array] = None,
+                 max_exp_avg_sq: Optional[Array] = None, row_step: Optional[Array] = None,
+                 n_threads: Optional[int] = None) -> None:
         check_buffer("table", table)
         if table.ndim != 2:
             raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
@@ -317,7 +331,8 @@ class SparseAdam:
         _threads.check(n_threads)
         self.table = table
         self.n_threads = n_threads
-        group = {"lr": lr, "betas": tuple(betas), "eps": eps, "maximize": bool(maximize)}
+        group: dict[str, Any] = {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                 "maximize": bool(maximize)}
         ext = dict(weight_decay=weight_decay, decoupled_weight_decay=bool(decoupled_weight_decay),
                    amsgrad=bool(amsgrad), rowwise=bool(rowwise), per_row_step=bool(per_row_step))
         group.update(ext)
@@ -369,7 +384,7 @@ class SparseAdam:
             F.check_row_step(st["row_step"], t.shape[0])
 
     # -- the step -----------------------------------------------------------
-    def step(self, indices, grad_rows):
+    def step(self, indices: Array, grad_rows: Array) -> None:
         """Apply one update for the rows ``indices`` with gradients ``grad_rows``.
 
         The global step is incremented even when the batch is empty (torch
@@ -389,11 +404,11 @@ class SparseAdam:
         st["step"] = t
         self.state = st
 
-    def zero_grad(self):  # numpy grads are owned by the caller
+    def zero_grad(self) -> None:  # numpy grads are owned by the caller
         pass
 
     # -- checkpoints --------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self) -> StateDict:
         """torch's layout; arrays are the live buffers (copy or ``fastadam.save`` them)."""
         g = self.param_groups[0]
         gd = {"lr": g["lr"], "betas": g["betas"], "eps": g["eps"], "maximize": g["maximize"]}
@@ -403,7 +418,7 @@ class SparseAdam:
         state = {0: dict(self.state)} if self.state else {}
         return {"state": state, "param_groups": [gd]}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: StateDict) -> None:
         """Load from :meth:`state_dict`, :func:`fastadam.load` or a
         ``torch.optim.SparseAdam`` state dict (tensors accepted).
 
@@ -473,7 +488,7 @@ def _to_number(x):
     return x
 
 
-def save(state_dict, path):
+def save(state_dict: StateDict, path: Union[str, os.PathLike[str]]) -> None:
     """Write an optimizer ``state_dict`` to ``path`` (``.npz``, no pickle).
 
     Examples
@@ -488,7 +503,7 @@ def save(state_dict, path):
     arrays = {}
     state_meta = {}
     for i, st in state_dict["state"].items():
-        meta = {}
+        meta: dict[str, Any] = {}
         for k, v in st.items():
             if k == "step":
                 meta["step"] = int(_to_number(v))
@@ -502,7 +517,7 @@ def save(state_dict, path):
         np.savez(f, **arrays)
 
 
-def load(path):
+def load(path: Union[str, os.PathLike[str]]) -> StateDict:
     """Read a state dict written by :func:`save`."""
     with np.load(path, allow_pickle=False) as z:
         header = json.loads(bytes(z["__header__"]).decode())

@@ -18,6 +18,8 @@ row ids validated), and only then are all plans run and the steps counted. A
 rejected step leaves every parameter, state value and ``step`` bit-identical
 (state created for a first step may remain, zeroed, as with torch).
 """
+from typing import Any
+
 import torch
 from torch.optim.optimizer import Optimizer
 
@@ -259,7 +261,7 @@ class Adam(Optimizer):
             b1, b2 = group["betas"]
             betas = (_num(b1), _num(b2))
             amsgrad = group["amsgrad"]
-            steps = None
+            steps: Any = None
             if ps:
                 steps = [int(sv) + 1 for sv in states]   # states: 0-d views of 'step'
                 s0 = steps[0]

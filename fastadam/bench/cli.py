@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+from typing import Any, Optional, TypedDict
 
 from . import bound as B
 from . import machine, report
@@ -33,7 +34,8 @@ modes:
 examples:
   python -m fastadam.bench --quick
   python -m fastadam.bench --scenario dense --dtype float32 --threads 1,2 --sizes 2**16,2**20
-  python -m fastadam.bench --scenario many,overhead --peers fastadam,fastadam.Adam,torch-fused,deepspeed
+  python -m fastadam.bench --scenario many,overhead \
+--peers fastadam,fastadam.Adam,torch-fused,deepspeed
   python -m fastadam.bench --scenario sparse --sparse 1000000x64x16384x1.1 --out /tmp/res
   python -m fastadam.bench --scenario torch --torch-models gpt2-small,bert-base,148x16,1x2^24
   python -m fastadam.bench --scenario torch-sparse
@@ -89,7 +91,8 @@ def _csv(s):
 
 def build_parser():
     ap = argparse.ArgumentParser(
-        prog="python -m fastadam.bench", description="fastadam microbenchmarks: peers side by side, "
+        prog="python -m fastadam.bench",
+        description="fastadam microbenchmarks: peers side by side, "
         "interleaved, against the machine's measured memory bandwidth.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
@@ -272,13 +275,24 @@ class Run:
 
 
 def _geom(lo, hi, per_octave):
-    out, k = [], 0
+    out: list[int] = []
+    k = 0
     while True:
         n = int(round(lo * 2 ** (k / per_octave) / 16)) * 16
         if n > hi:
             return out
         out.append(n)
         k += 1
+
+
+class Result(TypedDict):
+    """What results.json holds (``render`` reads it back)."""
+
+    meta: dict[str, Any]
+    bandwidth: Optional[dict[str, Any]]  # machine.bandwidth(), when measured
+    results: list[dict[str, Any]]  # one record per measurement (see report)
+    skipped: list[str]
+    errors: list[str]
 
 
 def main(argv=None):
@@ -311,17 +325,16 @@ def main(argv=None):
     os.makedirs(run.out, exist_ok=True)
     info = machine.describe()
     cmd = "python -m fastadam.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"meta": {"command": cmd.strip(), "mode": run.mode, "machine": info,
-                       "date_utc": info["date_utc"], "loadavg_start": _loadavg(),
-                       "settings": {k: v for k, v in vars(run).items()
-                                    if k in ("dtypes", "threads", "repeats", "target_s",
-                                             "models", "sparse_configs", "isa_sizes",
-                                             "threshold_sizes", "dense_variants",
-                                             "threads_many", "threads_isa", "scenarios",
-                                             "torch_models", "skipgram", "mixed",
-                                             "sparse_batches", "isa_rounds", "llc")},
-                       "peers": sorted(run.peers) if run.peers else "all"},
-              "bandwidth": None, "results": [], "skipped": run.skipped, "errors": []}
+    setting_keys = ("dtypes", "threads", "repeats", "target_s", "models", "sparse_configs",
+                    "isa_sizes", "threshold_sizes", "dense_variants", "threads_many",
+                    "threads_isa", "scenarios", "torch_models", "skipgram", "mixed",
+                    "sparse_batches", "isa_rounds", "llc")
+    meta = {"command": cmd.strip(), "mode": run.mode, "machine": info,
+            "date_utc": info["date_utc"], "loadavg_start": _loadavg(),
+            "settings": {k: v for k, v in vars(run).items() if k in setting_keys},
+            "peers": sorted(run.peers) if run.peers else "all"}
+    result: Result = {"meta": meta, "bandwidth": None, "results": [], "skipped": run.skipped,
+                      "errors": []}
     print(f"fastadam bench ({run.mode}) on {machine.short_name(info)}; "
           f"threads {run.threads}; results -> {run.out}/", flush=True)
     if "torch" not in sys.modules:

@@ -21,8 +21,12 @@ import platform
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _read(path):
@@ -42,7 +46,7 @@ def cpu_model():
 
 
 def caches():
-    out = {}
+    out: dict[str, str] = {}
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
         for d in sorted(os.listdir(base)):
@@ -67,7 +71,7 @@ def mem_total_gb():
 
 
 def versions():
-    v = {"python": sys.version.split()[0], "numpy": np.__version__}
+    v: dict[str, Optional[str]] = {"python": sys.version.split()[0], "numpy": np.__version__}
     try:
         import fastadam
         v["fastadam"] = fastadam.__version__
@@ -75,12 +79,11 @@ def versions():
         v["fastadam"] = f"unavailable: {e}"
     for mod in ("torch", "deepspeed", "matplotlib", "threadpoolctl"):
         try:
-            m = __import__(mod) if mod != "deepspeed" else None
             if mod == "deepspeed":
                 from importlib.metadata import version
                 v[mod] = version("deepspeed")
             else:
-                v[mod] = m.__version__
+                v[mod] = __import__(mod).__version__
         except Exception:
             v[mod] = None
     return v
@@ -88,11 +91,12 @@ def versions():
 
 def describe():
     """A dict naming the machine and software: recorded with every result."""
+    ncpu_aff: Optional[int]
     try:
         ncpu_aff = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         ncpu_aff = os.cpu_count()
-    info = {
+    info: dict[str, Any] = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "os": platform.platform(),
@@ -121,7 +125,7 @@ def _fastadam_source():
 
         import fastadam
         d = os.path.dirname(os.path.dirname(os.path.abspath(fastadam.__file__)))
-        out = {"path": d}
+        out: dict[str, Any] = {"path": d}
         r = subprocess.run(["git", "-C", d, "log", "-1", "--format=%h %s"], capture_output=True,
                            text=True, timeout=10)
         if r.returncode == 0:
@@ -183,11 +187,14 @@ class Probe:
     """
 
     INTERLEAVED = ("update", "torch-update")
+    ta: Optional["torch.Tensor"]  # torch views of a and b: set when torch imports
+    tb: Optional["torch.Tensor"]
 
     def __init__(self, n_elems=2**27, use_torch=True):
         self.n = n_elems
-        self.a = np.empty(n_elems, np.float32)
-        self.b = np.empty(n_elems, np.float32)
+        # the arrays (and torch's views of them) are dropped by close()
+        self.a: Optional[np.ndarray] = np.empty(n_elems, np.float32)
+        self.b: Optional[np.ndarray] = np.empty(n_elems, np.float32)
         self.a.fill(1.0)
         self.b.fill(1e-7)
         self.tor = None
@@ -212,6 +219,7 @@ class Probe:
         out = {"update": (lambda: pool.run(lambda x, y: np.add(x, y, out=x), a, b), 12 * self.n)}
         if self.tor is not None:
             ta, tb = self.ta, self.tb
+            assert ta is not None and tb is not None  # set whenever self.tor is
             out["torch-update"] = (lambda: ta.add_(tb), 12 * self.n)
         return {k: v for k, v in out.items() if names is None or k in names}
 
@@ -232,11 +240,14 @@ def bandwidth(probe, threads=(1, 2), repeats=5, log=None, retries=2):
     even that one was."""
     from . import bound as B
     from .peers import threads as limit_threads
-    out = {"n_elems": probe.n, "bytes_per_array": probe.a.nbytes, "by_threads": {}}
+    by_threads: dict[int, dict[str, Any]] = {}
+    out = {"n_elems": probe.n, "bytes_per_array": probe.a.nbytes, "by_threads": by_threads}
     for t in threads:
-        best_res, best_key = None, None
+        # res: probe name -> its figures, plus run keys ("disturbed", "bound_gbs", ...)
+        best_res: Optional[dict[str, Any]] = None
+        best_key: Optional[tuple[bool, float]] = None
         for attempt in range(1 + max(0, retries)):
-            res = {}
+            res: dict[str, Any] = {}
             meter = CpuMeter()
             with limit_threads(t):
                 for name, (fn, nbytes) in probe.cases(t).items():
@@ -254,7 +265,7 @@ def bandwidth(probe, threads=(1, 2), repeats=5, log=None, retries=2):
             disturbed = worst > B.NOISY or others > B.BUSY
             top = max(v["median_gbs"] for v in res.values())
             key = (disturbed, -top)
-            if best_key is None or key < best_key:
+            if best_res is None or best_key is None or key < best_key:
                 best_res, best_key = res, key
                 best_res["disturbed"] = disturbed
                 best_res["attempts"] = attempt + 1
@@ -263,6 +274,7 @@ def bandwidth(probe, threads=(1, 2), repeats=5, log=None, retries=2):
             if log and attempt < retries:
                 log(f"  bandwidth probe, {t} thread(s), disturbed (spread {worst:.2f}, other "
                     f"processes {others:.2f} CPUs): re-measuring")
+        assert best_res is not None  # the loop runs at least once
         res = best_res
         res["attempts"] = attempt + 1
         probes = {k: v for k, v in res.items() if isinstance(v, dict)}
@@ -271,7 +283,7 @@ def bandwidth(probe, threads=(1, 2), repeats=5, log=None, retries=2):
         res["bound_probe"] = best
         res["start_gbs"] = res["bound_gbs"]
         res["measurements"] = 1
-        out["by_threads"][t] = res
+        by_threads[t] = res
         if log:
             log(f"  bandwidth, {t} thread{'s' if t > 1 else ''}: " + ", ".join(
                 f"{k} {v['median_gbs']:.1f}" for k, v in probes.items())

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import sys
+from typing import Any, Optional
 
 import numpy as np
 
@@ -76,7 +77,7 @@ def deepspeed_cls():
     return DeepSpeedCPUAdam
 
 
-_DS_CACHE = {}
+_DS_CACHE: dict[bool, Any] = {}  # adamw mode -> DeepSpeedCPUAdam
 
 
 def deepspeed_opt(adamw, first_param):
@@ -145,7 +146,11 @@ class Dense:
         self.threads = threads
         self.variant = variant
         shapes = shapes or [(n,) for n in sizes]
-        self.p, self.g, self.m, self.v = [], [], [], []
+        # params, grads, exp_avgs, exp_avg_sqs: one array per shape; None after free()
+        self.p: Optional[list[np.ndarray]] = []
+        self.g: Optional[list[np.ndarray]] = []
+        self.m: Optional[list[np.ndarray]] = []
+        self.v: Optional[list[np.ndarray]] = []
         for shp in shapes:
             n = int(np.prod(shp))
             # fill without float64 temporaries the size of the array
@@ -165,6 +170,13 @@ class Dense:
         self.as_params = False  # torch scenario: nn.Parameter views, as a model has
         self._tensors = None
 
+    def buffers(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray],
+                               list[np.ndarray]]:
+        """(params, grads, exp_avgs, exp_avg_sqs); not after :meth:`free`."""
+        p, g, m, v = self.p, self.g, self.m, self.v
+        assert p is not None and g is not None and m is not None and v is not None, "freed"
+        return p, g, m, v
+
     @property
     def nbytes_state(self):
         return 4 * self.n * self.dtype.itemsize
@@ -172,14 +184,15 @@ class Dense:
     def tensors(self):
         """(params, exp_avgs, exp_avg_sqs) as zero-copy torch tensors, grads set."""
         if self._tensors is None:
+            p, g, m, v = self.buffers()
             torch = torch_mod()
-            ps = [torch.from_numpy(x) for x in self.p]
+            ps = [torch.from_numpy(x) for x in p]
             if self.as_params:
                 ps = [torch.nn.Parameter(x) for x in ps]
-            for tp, g in zip(ps, self.g):
-                tp.grad = torch.from_numpy(g)
-            self._tensors = (ps, [torch.from_numpy(x) for x in self.m],
-                             [torch.from_numpy(x) for x in self.v])
+            for tp, gx in zip(ps, g):
+                tp.grad = torch.from_numpy(gx)
+            self._tensors = (ps, [torch.from_numpy(x) for x in m],
+                             [torch.from_numpy(x) for x in v])
         return self._tensors
 
     def free(self):

@@ -13,12 +13,14 @@ them carry a leading ``~`` (see ``bound``).
 import json
 import math
 import os
+from typing import Any
 
 from . import bound as B
 from . import peers as P
 from .machine import bound_for
 
-GROUP_KEYS = {
+# scenario -> the record fields that, with it, name a group of comparable records
+GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "dense": ("variant", "dtype", "threads", "n"),
     "overhead": ("dtype", "threads"),
     "many": ("model", "dtype", "threads"),
@@ -85,7 +87,7 @@ def bound_line(bw):
 def add_speedups(records):
     """``vs_best_peer`` (best peer's median / this median) and ``best_peer`` on
     every record of a scenario with peers; the numpy reference is never a peer."""
-    groups = {}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
         keys = GROUP_KEYS.get(r["scenario"])
         if keys:
@@ -171,8 +173,8 @@ def _order(impls, preferred):
 
 
 IMPL_ORDER = ("fastadam", "fastadam-plan", "fastadam.Adam", "fastadam.torch",
-              "fastadam-premerged", "fastadam-cycling", "fastadam.SparseAdam", "torch-fused", "torch-foreach",
-              "torch", "deepspeed", "numpy-ref")
+              "fastadam-premerged", "fastadam-cycling", "fastadam.SparseAdam", "torch-fused",
+              "torch-foreach", "torch", "deepspeed", "numpy-ref")
 
 
 def headline(recs):
@@ -267,13 +269,15 @@ def tables(result):
                            f"**{d['bound_gbs']:.1f}**" + (" (disturbed)" if _bound_disturbed(d)
                                                           else ""),
                            f"{28 / d['bound_gbs']:.3f}", f"{56 / d['bound_gbs']:.3f}"])
+        method = B.METHOD.format(mib=bw["bytes_per_array"] / 2**20, k="k")
         out.append((f"Memory bandwidth, GB/s: start-of-run probes (median (min-max)) and the "
-                    f"run's one bound ({B.METHOD.format(mib=bw['bytes_per_array'] / 2**20, k='k')})",
+                    f"run's one bound ({method})",
                     _table(["threads"] + [f"{p} at start" for p in probes]
                            + ["probe measurements (k)", "bound", "bound ns/elem fp32 (28 B)",
                               "fp64 (56 B)"], rows)))
     # dense
     dense = [r for r in recs if r["scenario"] == "dense"]
+    key: tuple[Any, ...]  # a group's key: its length differs per scenario
     for key in sorted({(r["variant"], r["dtype"], r["threads"]) for r in dense}):
         rs = [r for r in dense if (r["variant"], r["dtype"], r["threads"]) == key]
         impls = _order({r["impl"] for r in rs}, IMPL_ORDER)
@@ -464,13 +468,15 @@ def plots(result, outdir, log=print):
     files = []
     recs = result["results"]
     dense = [r for r in recs if r["scenario"] == "dense"]
-    style = {"fastadam": dict(color="C3", lw=2.4, marker="o"),
-             "fastadam.torch": dict(color="C1", marker="."),
-             "torch-fused": dict(color="C0", marker="s"),
-             "torch-foreach": dict(color="C9", marker="^"),
-             "torch": dict(color="C2", marker="v"),
-             "deepspeed": dict(color="C4", marker="D"),
-             "numpy-ref": dict(color="0.5", marker="x", ls=":")}
+    style: dict[str, dict[str, Any]] = {
+        "fastadam": dict(color="C3", lw=2.4, marker="o"),
+        "fastadam.torch": dict(color="C1", marker="."),
+        "torch-fused": dict(color="C0", marker="s"),
+        "torch-foreach": dict(color="C9", marker="^"),
+        "torch": dict(color="C2", marker="v"),
+        "deepspeed": dict(color="C4", marker="D"),
+        "numpy-ref": dict(color="0.5", marker="x", ls=":")}
+    key: tuple[Any, ...]  # a group's key: its length differs per scenario
     for key in sorted({(r["variant"], r["dtype"], r["threads"]) for r in dense}):
         rs = [r for r in dense if (r["variant"], r["dtype"], r["threads"]) == key]
         if len({r["n"] for r in rs}) < 2:

@@ -29,6 +29,7 @@ import math
 import os
 import subprocess
 import sys
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from . import peers as P
 from . import timing
 from .machine import bound_for, note_bound
 
+if TYPE_CHECKING:
+    from .cli import Run
+
 BYTES_PER_ELEM = {"float32": 28, "float64": 56}  # read p,g,m,v + write p,m,v
 
 
@@ -44,7 +48,7 @@ def interleave(cases, **kw):
     return timing.measure(cases, retries=_RUN.retries if _RUN else 1, **kw)
 
 
-_RUN = None
+_RUN: Optional["Run"] = None  # the run in progress (set by cli.main)
 
 
 def _rec(scenario, impl, res, **kw):
@@ -195,7 +199,7 @@ def overhead(run):
 def gpt2_small_shapes():
     """GPT-2 small (124M): 148 parameter arrays, as in HF GPT2LMHeadModel (tied head)."""
     d, v, ctx, L = 768, 50257, 1024, 12
-    shapes = [(v, d), (ctx, d)]
+    shapes: list[tuple[int, ...]] = [(v, d), (ctx, d)]
     for _ in range(L):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
                    (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
@@ -206,7 +210,7 @@ def gpt2_small_shapes():
 def bert_base_shapes():
     """BERT-base (uncased, 110M): 199 arrays, as in HF BertModel with pooler."""
     d, v, ctx, L, ff = 768, 30522, 512, 12, 3072
-    shapes = [(v, d), (ctx, d), (2, d), (d,), (d,)]
+    shapes: list[tuple[int, ...]] = [(v, d), (ctx, d), (2, d), (d,), (d,)]
     for _ in range(L):
         shapes += [(d, d), (d,)] * 4 + [(d,), (d,), (ff, d), (ff,), (d, ff), (d,), (d,), (d,)]
     shapes += [(d, d), (d,)]
@@ -650,7 +654,8 @@ def isa(run):
     levels, chosen = _isa_levels(run.log)
     jobs = [{"dtype": d, "threads": t, "n": n} for d in run.dtypes for t in run.threads_isa
             for n in run.isa_sizes]
-    got = {isa: [] for isa in levels}
+    # isa -> one worker round's results (one per job) per round
+    got: dict[str, list[list[dict[str, Any]]]] = {isa: [] for isa in levels}
     for rnd in range(run.isa_rounds):
         for isa in (levels if rnd % 2 == 0 else levels[::-1]):
             run.progress.update(f"isa {isa} round {rnd + 1}")
@@ -710,7 +715,7 @@ def threshold(run):
         case = P.Dense([max(run.threshold_sizes)], dtype, 1)
         rows = []
         for n in run.threshold_sizes:
-            arrays = tuple(x[0][:n] for x in (case.p, case.g, case.m, case.v))
+            arrays = tuple(x[0][:n] for x in case.buffers())
             cases = {"1 thread": _step_call(dtype, arrays, 1),
                      f"{2} threads": _step_call(dtype, arrays, 2)}
             with P.threads(tmax), uncapped_threads():
@@ -727,7 +732,7 @@ def threshold(run):
         # over the sizes whose measurement was not disturbed by other processes
         clean = [row for row in rows if not row[3]] or rows
         cross = None
-        for i, (n, t1, t2, _) in enumerate(clean):
+        for i, (n, _t1, _t2, _) in enumerate(clean):
             if all(b < a for _, a, b, _ in clean[i:]):
                 cross = n
                 break

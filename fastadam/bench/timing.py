@@ -15,6 +15,7 @@ import math
 import statistics
 import sys
 import time
+from typing import Any, Optional
 
 _now = time.perf_counter
 
@@ -52,7 +53,7 @@ def interleave(cases, *, repeats, target_s, warmup=2, max_inner=100_000):
         inner[name] = max(1, min(max_inner, int(math.ceil(target_s / max(t, 1e-9)))))
         if t >= target_s:
             inner[name] = 1
-    samples = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
     gc_was = gc.isenabled()
     gc.disable()
     try:
@@ -123,7 +124,9 @@ def measure(cases, *, repeats, target_s, warmup=2, retries=2, noisy=1.5, busy=0.
     time slice on every call). Keeps the least disturbed attempt; every result
     carries ``attempts``, ``spread`` and ``others_cpu``."""
     from .machine import CpuMeter
-    best, best_key, n = None, None, 0
+    best: Optional[dict[str, dict[str, Any]]] = None
+    best_key: Optional[tuple[bool, bool, float]] = None
+    best_others, n = 0.0, 0
     for attempt in range(1 + max(0, retries)):
         meter = CpuMeter()
         res = interleave(cases, repeats=repeats, target_s=target_s,
@@ -133,10 +136,11 @@ def measure(cases, *, repeats, target_s, warmup=2, retries=2, noisy=1.5, busy=0.
         worst = max((spread(r) for r in res.values()), default=1.0)
         disturbed = worst > noisy or others > busy
         key = (others > busy, worst > noisy, worst)
-        if best is None or key < best_key:
+        if best is None or best_key is None or key < best_key:
             best, best_key, best_others = res, key, others
         if not disturbed or repeats < 3:
             break
+    assert best is not None  # the loop runs at least once
     for r in best.values():
         r["attempts"] = n
         r["spread"] = spread(r)

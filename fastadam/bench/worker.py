@@ -27,7 +27,7 @@ def main():
     for job in spec["jobs"]:
         n, t = job["n"], job["threads"]
         case = P.Dense([n], job["dtype"], t)
-        p, g, m, v = case.p[0], case.g[0], case.m[0], case.v[0]
+        p, g, m, v = (x[0] for x in case.buffers())
 
         def step(p=p, g=g, m=m, v=v, t=t):
             fa.adam_step(p, g, m, v, step=10, lr=P.LR, n_threads=t)

@@ -4,7 +4,7 @@
 called it, else the OpenMP runtime's ``omp_get_max_threads()`` (which follows
 ``OMP_NUM_THREADS`` and ``threadpoolctl.threadpool_limits``). Inputs smaller
 than ``SERIAL_THRESHOLD`` elements run on one thread: waking the OpenMP team
-costs more than it saves there (threshold measured with ``python -m bench
+costs more than it saves there (threshold measured with ``python -m fastadam.bench
 --scenario threshold``).
 """
 import operator
@@ -13,7 +13,7 @@ from typing import Optional
 from . import _runtime
 
 # Each thread gets at least this many elements (float32 Adam). Measured on
-# the dev machine (2 cores, AVX-512 module; `python -m bench --scenario
+# the dev machine (2 cores, AVX-512 module; `python -m fastadam.bench --scenario
 # threshold`, idle machine, 2026-11-21, after the division by sqrt(bc2) left
 # the divider): two threads win from 8,192 float32 elements and from ~2,048
 # float64 elements (in two runs; fp64 costs ~3-4x more per element here,

@@ -2,7 +2,7 @@
 
 Contract: turn CPU tensors into the zero-copy numpy views that the
 functional layer (:func:`fastadam.functional.plan_adam`,
-:func:`fastadam.sparse.plan_sparse_adam`) plans on, and back: parameter
+:func:`fastadam.functional.plan_sparse_adam`) plans on, and back: parameter
 checks with torch-style messages, memory-layout tests, the one place that
 creates optimizer state tensors (:func:`new_state`), re-laying state loaded
 for another layout, the ``step`` scalar view and autograd version bumps.

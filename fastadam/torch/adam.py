@@ -8,12 +8,12 @@ work unchanged. The update is fastadam's: CPU tensors are handed to the
 functional layer as zero-copy numpy views, ONE native call per param group
 (per dtype) for the dense parameters; parameters whose gradient is sparse
 (``nn.Embedding(sparse=True)``) take the lazy sparse path
-(:func:`fastadam.sparse.plan_sparse_adam`, torch ``SparseAdam`` arithmetic)
+(:func:`fastadam.functional.plan_sparse_adam`, torch ``SparseAdam`` arithmetic)
 inside the same optimizer.
 
 A step plans before it writes: every group's tensors are checked and viewed,
 then every group's native calls are planned (:func:`fastadam.functional.plan_adam`,
-:func:`fastadam.sparse.plan_sparse_adam`: hyperparameters, ``grad_scale`` and
+:func:`fastadam.functional.plan_sparse_adam`: hyperparameters, ``grad_scale`` and
 row ids validated), and only then are all plans run and the steps counted. A
 rejected step leaves every parameter, state value and ``step`` bit-identical
 (state created for a first step may remain, zeroed, as with torch).

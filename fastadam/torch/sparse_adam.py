@@ -4,7 +4,7 @@ Contract: ``torch.optim.SparseAdam``'s arguments, defaults, errors and state
 (``step`` an int, ``exp_avg``, ``exp_avg_sq``), stepped by fastadam's sparse
 kernel on zero-copy numpy views; only the rows present in a gradient change.
 A step plans before it writes: every parameter's tensors are checked, every
-call is planned with :func:`fastadam.sparse.plan_sparse_adam` (hyperparameters
+call is planned with :func:`fastadam.functional.plan_sparse_adam` (hyperparameters
 and row ids validated), and only then are all plans run and the steps
 counted, so a rejected step leaves every table, state value and ``step``
 bit-identical (state created for a first step may remain, zeroed, as with

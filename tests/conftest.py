@@ -33,6 +33,29 @@ def make_state(n, dtype, seed=0, shape=None):
     return p, g, m, v, vm
 
 
+def make_sparse_state(n_rows, dim, dtype, *, rowwise=False, amsgrad=False, row_step=False,
+                      seed=0):
+    """Random (table, exp_avg, exp_avg_sq, max_exp_avg_sq, row_step)."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((n_rows, dim)).astype(dtype)
+    m = (0.1 * rng.standard_normal((n_rows, dim))).astype(dtype)
+    vshape = (n_rows,) if rowwise else (n_rows, dim)
+    v = (0.01 * rng.random(vshape)).astype(dtype)
+    vm = (v + 0.01 * rng.random(vshape)).astype(dtype) if amsgrad else None
+    rs = rng.integers(0, 7, n_rows).astype(np.int64) if row_step else None
+    return [table, m, v, vm, rs]
+
+
+def make_batch(n_rows, dim, k, dtype, *, dups=True, seed=1, idx_dtype=np.int64):
+    rng = np.random.default_rng(seed)
+    if dups:
+        idx = rng.integers(0, n_rows, k)
+    else:
+        idx = rng.permutation(n_rows)[:k]
+    grads = rng.standard_normal((k, dim)).astype(dtype)
+    return idx.astype(idx_dtype), grads
+
+
 def copies(arrays):
     return [None if a is None else a.copy() for a in arrays]
 
@@ -43,8 +66,9 @@ def assert_bitwise(actual, expected, what=""):
         if a is None and e is None:
             continue
         assert a.dtype == e.dtype and a.shape == e.shape, what
-        ai = a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
-        ei = e.view(np.uint32 if e.dtype == np.float32 else np.uint64)
+        a, e = np.asarray(a), np.asarray(e)
+        ai = a.view(f"u{a.itemsize}") if a.dtype.kind == "f" else a
+        ei = e.view(f"u{e.itemsize}") if e.dtype.kind == "f" else e
         if not np.array_equal(ai, ei):
             bad = np.flatnonzero(ai.ravel() != ei.ravel())
             j = bad[0]

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 from _options import SPARSE
-from _sparse_helpers import assert_bitwise, copies, make_batch, make_sparse_state
+from conftest import assert_bitwise, copies, make_batch, make_sparse_state
 
 import fastadam as fa
 from fastadam import _reference as R

@@ -147,13 +147,13 @@ def check_grad_scale(grad_scale):
     if grad_scale is None:
         return False, 1.0
     try:
-        gs = float(grad_scale)
+        scale = float(grad_scale)
     except (TypeError, ValueError):
         raise TypeError("grad_scale must be a real number or None, got "
                         f"{type(grad_scale).__name__}") from None
-    if not (gs > 0.0) or math.isinf(gs):
-        raise ValueError(f"grad_scale must be a finite number > 0, got {gs}")
-    return True, gs
+    if not (scale > 0.0) or math.isinf(scale):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {scale}")
+    return True, scale
 
 
 def to_scalar(x):

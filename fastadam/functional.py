@@ -152,10 +152,10 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
         no_overlap((n_p, n_m, n_v, n_vm, n_g), (param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad))
     step = check_step(step, n_step)
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
-    scaled, gs = check_grad_scale(grad_scale)
+    scaled, scale = check_grad_scale(grad_scale)
     nt = _threads.resolve(n_threads, param.size * (_threads.FP64_COST if pdt is F64 else 1))
     args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize,
-                                   gs if scaled else None)
+                                   scale if scaled else None)
     args = _plan.with_step(args, *_plan.dense_step_scalars(step, lr, b1, b2))
     return [(kernel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, args, flags, nt))]
 
@@ -282,7 +282,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     else:
         step_list = [check_step(steps, "steps")] * n
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
-    scaled, gs = check_grad_scale(grad_scale)
+    scaled, scale = check_grad_scale(grad_scale)
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([vmaxs] if vmaxs is not None else [])
     ptrs = np.empty((5, n), dtype=np.int64)
     sizes = np.empty(n, dtype=np.int64)
@@ -310,7 +310,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
                          "or any gradient")
     nt_arg = _threads.check(n_threads)
     args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize,
-                                   gs if scaled else None)
+                                   scale if scaled else None)
     if len(set(step_list)) == 1:
         s0 = _plan.dense_step_scalars(step_list[0], lr, b1, b2)
         nss_all, bc2s_all = np.full(n, s0[0]), np.full(n, s0[1])
@@ -393,13 +393,13 @@ def grad_norm(grads: Union[Array, Sequence[Array]], *,
         groups.setdefault(dt, []).append(g)
     _threads.check(n_threads)
     total = 0.0
-    for dt, gs in groups.items():
-        offsets = np.zeros(len(gs) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter((g.size for g in gs), dtype=np.int64, count=len(gs)),
+    for dt, arrays in groups.items():
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter((g.size for g in arrays), dtype=np.int64, count=len(arrays)),
                   out=offsets[1:])
         nt = _threads.resolve(n_threads, int(offsets[-1]))
-        ptrs = np.empty(len(gs), dtype=np.int64)
-        _runtime.addresses(gs, ptrs)
+        ptrs = np.empty(len(arrays), dtype=np.int64)
+        _runtime.addresses(arrays, ptrs)
         total += _kernels().norm(dt)(ptrs, offsets, nt)
     if math.isinf(total):
         # Squares overflowed double (|g| > 1e154) or an element is inf: rescale.

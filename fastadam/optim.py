@@ -157,9 +157,9 @@ class Adam:
         for group in self.param_groups:
             ps = group["params"]
             base, k = k, k + len(ps)
-            gs = grads[base:k]
-            pairs = [(p, g) for p, g in zip(ps, gs) if g is not None]
-            labels = [base + i for i, g in enumerate(gs) if g is not None]
+            group_grads = grads[base:k]
+            pairs = [(p, g) for p, g in zip(ps, group_grads) if g is not None]
+            labels = [base + i for i, g in enumerate(group_grads) if g is not None]
             if not pairs:
                 continue
             ams = group["amsgrad"]

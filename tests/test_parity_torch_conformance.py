@@ -12,13 +12,12 @@ small classifier with a 10-class head.
 """
 import numpy as np
 import pytest
+from _options import TORCH, TORCH_SCALED
+from conftest import assert_bitwise, importable_isas, make_state
 
 import fastadam as fa
 from fastadam import _plan
 from fastadam import _reference as ref
-
-from _options import TORCH, TORCH_SCALED
-from conftest import assert_bitwise, importable_isas, make_state
 
 torch = pytest.importorskip("torch")
 

@@ -5,7 +5,7 @@ from typing import Any, Optional, TextIO
 
 import numpy as np
 
-from . import _dispatch, _runtime, _threads
+from . import _dispatch, _plan, _runtime, _threads
 
 
 def _build_info():
@@ -34,6 +34,8 @@ def config() -> dict[str, Any]:
         "isa_available": _dispatch.available_modules(),
         "openmp": _runtime.have_openmp() and bool(getattr(_dispatch.kernels, "OPENMP", False)),
         "fast_div": bool(getattr(_dispatch.kernels, "FAST_DIV", False)),
+        "torch_vector_bytes": _plan.VECTOR_BYTES,
+        "torch_vector_reason": _plan.VECTOR_BYTES_REASON,
         "threads": _threads.get_num_threads(),
         "serial_threshold": _threads.SERIAL_THRESHOLD,
         "common_flags": info.get("common_flags"),
@@ -75,6 +77,8 @@ def show_config(file: Optional[TextIO] = None) -> None:
         f"usable here:     {', '.join(c['isa_available'])}",
         f"openmp:          {'on' if c['openmp'] else 'off (serial build)'}",
         f"x / sqrt(bc2):   {'FMA units (hardware fma)' if c['fast_div'] else 'true division'}",
+        f"torch tail:      last n % {c['torch_vector_bytes']}/itemsize elements "
+        f"({c['torch_vector_reason']})",
         f"threads:         {c['threads']} "
         f"(serial below {c['serial_threshold']} elements per thread)",
         f"compile flags:   {' '.join(c['common_flags'] or [])}",

@@ -34,12 +34,14 @@ SCALARS = (
     ("grad_scale", "the gradient is divided by it when flag 'scaled' is set"),
     ("decay", "fl(1 - lr * weight_decay) for decoupled decay, else 1.0"),
     ("weight_decay", "L2 coefficient, added as g + p * wd when flag 'l2' is set"),
-    ("c1", "1 - beta1"),
+    ("c1", "1 - beta1 (torch's lerp weight; c1 >= 0.5 takes lerp's other formula)"),
     ("c2", "1 - beta2"),
     ("beta1", "beta1 (sparse per-row steps)"),
     ("beta2", "beta2 (dense: v * beta2; sparse per-row steps)"),
     ("eps", "eps"),
     ("lr", "lr (sparse per-row steps)"),
+    ("vec_bytes", "dense: torch's vector width in bytes; the last n % (vec_bytes / itemsize) "
+                  "elements of each array take torch's scalar-tail arithmetic"),
     ("neg_step_size", "dense: -lr / bc1; sparse: -lr * sqrt(bc2) / bc1 (step-dependent)"),
     ("bc2_sqrt", "dense: sqrt(1 - beta2**step) (step-dependent)"),
 )

@@ -14,10 +14,18 @@ kernels' names.
   ``_interface.STEP_SCALARS``); :func:`with_step` appends those.
 * :func:`dense_step_scalars`, :func:`sparse_neg_step_size` -- the
   step-dependent scalars, computed in double exactly as torch does.
+* :data:`VECTOR_BYTES` -- the width of torch's fused-Adam vector loop, chosen
+  once at import (:func:`torch_vector_bytes`) and passed to every dense call
+  as the scalar ``vec_bytes``: the last ``n % (vec_bytes / itemsize)``
+  elements of each array take torch's scalar-tail arithmetic. A per-call
+  value, not a property of the ISA module, so every module and every thread
+  count gives the same bits.
 
 Inputs are validated before they get here (``fastadam._validate``).
 """
 import math
+import os
+import platform
 from typing import Any
 
 import numpy as np
@@ -26,7 +34,44 @@ from . import _dispatch
 from . import _interface as I
 
 __all__ = ["Kernels", "KERNELS", "hyper_args", "with_step", "dense_step_scalars",
-           "sparse_neg_step_size", "state_dtype"]
+           "sparse_neg_step_size", "state_dtype", "torch_vector_bytes", "VECTOR_BYTES"]
+
+VECTOR_BYTES_ENV = "FASTADAM_TORCH_VECTOR_BYTES"
+_VECTOR_BYTES_ALLOWED = (16, 32, 64)
+
+
+def torch_vector_bytes(env=None, machine=None):
+    """``(bytes, reason)``: the width of torch's fused-Adam vector loop here.
+
+    torch (``aten/src/ATen/native/cpu/FusedAdamKernel.cpp``) steps each
+    tensor ``Vectorized<scalar_t>::size()`` elements at a time and the last
+    ``numel % size()`` elements in a scalar loop with other arithmetic. Its
+    CPU dispatch registers that kernel with ``REGISTER_DISPATCH``, which
+    leaves the AVX-512 slot empty (``DispatchStub.h``), so AVX-512 CPUs run
+    the AVX2 build: 32 bytes (8 float32, 4 float64) on every x86-64 CPU, as
+    measured with torch 2.13. aarch64 NEON builds use 16 bytes (not
+    measured). ``FASTADAM_TORCH_VECTOR_BYTES=16|32|64`` overrides the choice
+    (e.g. for a torch that registers an AVX-512 fused Adam: 64).
+    """
+    env = os.environ.get(VECTOR_BYTES_ENV, "") if env is None else env
+    if env.strip():
+        try:
+            value = int(env)
+        except ValueError:
+            value = None
+        if value not in _VECTOR_BYTES_ALLOWED:
+            raise ValueError(f"{VECTOR_BYTES_ENV}={env!r}: must be one of "
+                             f"{', '.join(map(str, _VECTOR_BYTES_ALLOWED))}")
+        return value, f"forced by {VECTOR_BYTES_ENV}"
+    machine = (platform.machine() if machine is None else machine).lower()
+    if machine in ("aarch64", "arm64"):
+        return 16, "torch's NEON Vectorized width on aarch64 (not measured)"
+    return 32, ("torch's AVX2 Vectorized width (x86-64: AVX-512 CPUs run torch's AVX2 "
+                "fused Adam too)")
+
+
+# Read once at import; the kernels get it per call (args' ``vec_bytes``).
+VECTOR_BYTES, VECTOR_BYTES_REASON = torch_vector_bytes()
 
 _CACHED = I.SCALAR_NAMES[:-len(I.STEP_SCALARS)]
 _L2 = I.FLAG_BITS["l2"]
@@ -86,7 +131,9 @@ def hyper_args(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_sc
     All values are validated floats (``grad_scale`` None: no loss scaling).
     Cached: an optimizer's param group builds its tuple once, not per step.
     """
-    key = (lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, rowwise)
+    vec_bytes = VECTOR_BYTES
+    key = (lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_scale, rowwise,
+           vec_bytes)
     hit = _cache.get(key)
     if hit is not None:
         return hit
@@ -97,7 +144,7 @@ def hyper_args(lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_sc
     values = dict(sign=-1.0 if maximize else 1.0,
                   grad_scale=1.0 if grad_scale is None else grad_scale,
                   decay=decay, weight_decay=weight_decay, c1=1.0 - beta1, c2=1.0 - beta2,
-                  beta1=beta1, beta2=beta2, eps=eps, lr=lr)
+                  beta1=beta1, beta2=beta2, eps=eps, lr=lr, vec_bytes=vec_bytes)
     args = tuple(float(values.pop(name)) for name in _CACHED)
     assert not values, values
     flags = ((_L2 if l2 else 0) | (_SCALED if grad_scale is not None else 0)

@@ -24,12 +24,35 @@ def _fma(a, b, c):
     return a * b + c
 
 
+def _torch_lanes(dtype, vector_bytes):
+    """torch's ``Vectorized<scalar_t>::size()``: elements per vector of ``vector_bytes``."""
+    if vector_bytes is None:
+        from ._plan import VECTOR_BYTES as vector_bytes
+    return max(1, int(vector_bytes) // np.dtype(dtype).itemsize)
+
+
 def adam(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
          weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
-         maximize=False, grad_scale=None):
-    """Dense Adam/AdamW step (torch fused arithmetic), in place on the arrays given."""
+         maximize=False, grad_scale=None, vector_bytes=None):
+    """Dense Adam/AdamW step (torch fused arithmetic), in place on the arrays given.
+
+    torch's CPU kernel (``FusedAdamKernel.cpp``, ``adam_math``) runs a vector
+    loop over the first ``n - n % lanes`` elements (``lanes =
+    vector_bytes / itemsize``; ``vector_bytes`` None: the width fastadam
+    chose for this machine, ``fastadam._plan.VECTOR_BYTES``) and a scalar loop
+    over the last ``n % lanes``. Both compute, with ``w = fl(1 - beta1)``::
+
+        m = fma(w, g - m, m)          if |w| < 0.5   (exp_avg.lerp_(grad, w))
+        m = fma(w - 1, g - m, g)      otherwise      (lerp's other formula)
+
+    and differ only in the second moment: the vector loop
+    ``v = fma(c2 * g, g, v * b2)``, the scalar tail ``v = fma(v, b2, (c2 * g) * g)``.
+    """
     dt = param.dtype
     b1, b2 = betas
+    n = param.size
+    tail = np.zeros(param.shape, dtype=bool)
+    tail.reshape(-1)[n - n % _torch_lanes(dt, vector_bytes):] = True
     g = np.array(grad, dtype=dt, copy=True)
     if maximize:
         g = -g
@@ -40,8 +63,14 @@ def adam(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
         p = p * _fl(dt, 1.0 - lr * weight_decay)
     elif weight_decay != 0.0:
         g = _fma(p, _fl(dt, weight_decay), g)
-    m = _fma(_fl(dt, 1.0 - b1), g - exp_avg, exp_avg)               # torch lerp_
-    v = _fma(_fl(dt, 1.0 - b2) * g, g, exp_avg_sq * _fl(dt, b2))
+    w = _fl(dt, 1.0 - b1)
+    if abs(w) < 0.5:                                                  # torch lerp_
+        m = _fma(w, g - exp_avg, exp_avg)
+    else:
+        m = _fma(w - dt.type(1), g - exp_avg, g)
+    c2, fb2 = _fl(dt, 1.0 - b2), _fl(dt, b2)
+    v = np.where(tail, _fma(exp_avg_sq, fb2, (c2 * g) * g),          # scalar tail
+                 _fma(c2 * g, g, exp_avg_sq * fb2))                   # vector loop
     if amsgrad:
         u = np.maximum(max_exp_avg_sq, v)
         max_exp_avg_sq[...] = u

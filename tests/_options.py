@@ -40,6 +40,10 @@ PLAIN = DENSE[0]
 # the torch-parity subset (torch's own option names; grad_scale via GradScaler elsewhere)
 TORCH = [Dense(), Dense(0.1), Dense(0.1, True), Dense(amsgrad=True), Dense(maximize=True),
          Dense(0.1, False, True, True), Dense(0.1, True, True, True)]
+# ... and with loss scaling (torch: the optimizer's GradScaler-style ``grad_scale`` /
+# ``found_inf`` tensors, handed to ``torch._fused_adam_``)
+TORCH_SCALED = [Dense(grad_scale=1024.0), Dense(0.1, False, True, True, 1024.0),
+                Dense(0.1, True, True, True, 1024.0)]
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,8 @@ def test_builder_fills_every_scalar_by_name():
     args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, False, True, 8.0)
     full = dict(zip(I.SCALAR_NAMES, _plan.with_step(args, -2.5, 0.25)))
     assert full == dict(sign=-1.0, grad_scale=8.0, decay=1.0, weight_decay=wd, c1=1 - b1,
-                        c2=1 - b2, beta1=b1, beta2=b2, eps=eps, lr=lr, neg_step_size=-2.5,
-                        bc2_sqrt=0.25)
+                        c2=1 - b2, beta1=b1, beta2=b2, eps=eps, lr=lr,
+                        vec_bytes=float(_plan.VECTOR_BYTES), neg_step_size=-2.5, bc2_sqrt=0.25)
     assert flags == I.FLAG_BITS["l2"] | I.FLAG_BITS["scaled"]
     args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, True, False, None, rowwise=True)
     full = dict(zip(I.SCALAR_NAMES, _plan.with_step(args, 0.0)))

@@ -43,7 +43,8 @@ def _step_both(tp, topt, bufs, opt, lr, steps, seed, scale=None):
 @pytest.mark.parametrize("opt", OPTIONS)
 @pytest.mark.parametrize("n", [16, 1024, 2**17])
 def test_bitwise_equal_to_torch_fused(dtype, n, opt):
-    """Lengths a multiple of 16 (torch's own scalar tail does not run there)."""
+    """Lengths a multiple of 16; other lengths (torch's scalar tail) and betas <= 0.5
+    (lerp's other formula): test_parity_torch_conformance.py."""
     ams = opt[2]
     p, _, m, v, vm = make_state(n, dtype)
     m[...] = 0

@@ -11,7 +11,8 @@ below, and nowhere else:
   tuple by name from the same table, so a swapped ``c1``/``c2`` cannot pass
   silently. Each kernel rounds the doubles it uses once to its compute type.
 * ``FLAGS`` -- the per-call switches, bits of the ``flags`` int.
-* ``DTYPES`` -- the element types a buffer may have (numpy name -> C type).
+* ``DTYPES`` -- the element types a buffer may have (numpy name -> C type
+  and codec: how a non-native format is widened and rounded).
 * ``COMBOS`` -- the (param, grad, state) dtype combinations compiled, each
   with a suffix; ``KERNELS`` -- ``(op, param dtype, grad dtype, state
   dtype) -> name`` for every op and combination. ``fastadam._plan``
@@ -56,10 +57,14 @@ FLAGS = (
     ("rowwise", 4, "sparse: one second moment per table row"),
 )
 
-# numpy dtype name -> C type of a buffer element
+# numpy dtype name -> (C type of a buffer element, codec). Codec None: a C
+# floating type, loaded and stored with C casts. Otherwise (a 16- or 8-bit
+# format held in an integer C type) the templates call ``_ld_<codec>(x)`` to
+# widen to the compute type and ``_st_<codec>(x)`` to round back; those two
+# inline functions are written once in the codec section of _kernels.pyx.tp.
 DTYPES = {
-    "float32": "float",
-    "float64": "double",
+    "float32": ("float", None),
+    "float64": ("double", None),
 }
 
 # compute C type -> (suffix, fma, sqrt, largest finite value, macro that is 1
@@ -108,8 +113,28 @@ def compute_dtype(param_dtype):
 
 def combos():
     """For the templates: ``(suffix, TP, TG, TS, TC)`` C types per combination."""
-    return [(sfx, DTYPES[p], DTYPES[g], DTYPES[s], DTYPES[compute_dtype(p)])
+    return [(sfx, DTYPES[p][0], DTYPES[g][0], DTYPES[s][0], DTYPES[compute_dtype(p)][0])
             for sfx, (p, g, s) in COMBOS.items()]
+
+
+def codecs(sfx):
+    """For the templates: the codecs of combination ``sfx``'s param, grad, state."""
+    return tuple(DTYPES[name][1] for name in COMBOS[sfx])
+
+
+def ctypes():
+    """For the templates: every buffer C type (one restrict typedef each)."""
+    return sorted({ctype for ctype, _ in DTYPES.values()})
+
+
+def load(codec, compute_ctype, expr):
+    """For the templates: C code widening buffer element ``expr`` to the compute type."""
+    return f"(<{compute_ctype}>{expr})" if codec is None else f"_ld_{codec}({expr})"
+
+
+def store(codec, ctype, expr):
+    """For the templates: C code rounding compute-type ``expr`` to a buffer element."""
+    return f"<{ctype}>{expr}" if codec is None else f"_st_{codec}({expr})"
 
 
 def compute_types():

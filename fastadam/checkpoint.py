@@ -50,6 +50,13 @@ _CHUNK = 1 << 20          # bytes per read: the data are read into their final b
 _MAX_DEPTH = 32           # nesting of param group values
 
 
+# What a damaged or foreign file can make zipfile, numpy's .npy header parser, the
+# JSON decoder or the checks here raise (all reported as one ValueError naming the file).
+_DAMAGE = (ValueError, KeyError, TypeError, AttributeError, IndexError, EOFError,
+           OverflowError, RecursionError, MemoryError, NotImplementedError, OSError,
+           SyntaxError, zipfile.BadZipFile, zlib.error)
+
+
 class _Bad(ValueError):
     """Damage or a malformed checkpoint (wrapped with the file name by ``load``)."""
 
@@ -385,20 +392,19 @@ def load(path: PathLike, *, as_torch: bool = False) -> StateDict:
         message names the file. (A missing file raises ``FileNotFoundError``.)
     """
     name = os.fspath(path)
-    try:
-        zf = zipfile.ZipFile(name)
-    except (zipfile.BadZipFile, EOFError, ValueError) as e:
-        raise ValueError(f"fastadam.load: {name!r} is not a fastadam checkpoint (not a valid "
-                         f".npz file: {e})") from e
-    with zf:
+    with open(name, "rb") as f:    # a missing or unreadable file: the OSError as it is
         try:
-            sd = _decode(zf)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError, EOFError,
-                OverflowError, RecursionError, MemoryError, NotImplementedError, OSError,
-                zipfile.BadZipFile, zlib.error) as e:
-            what = str(e) if isinstance(e, _Bad) else f"{type(e).__name__}: {e}"
-            raise ValueError(f"fastadam.load: {name!r} is damaged or not a fastadam "
-                             f"checkpoint ({what})") from e
+            zf = zipfile.ZipFile(f)
+        except _DAMAGE as e:
+            raise ValueError(f"fastadam.load: {name!r} is not a fastadam checkpoint (not a "
+                             f"valid .npz file: {type(e).__name__}: {e})") from e
+        with zf:
+            try:
+                sd = _decode(zf)
+            except _DAMAGE as e:
+                what = str(e) if isinstance(e, _Bad) else f"{type(e).__name__}: {e}"
+                raise ValueError(f"fastadam.load: {name!r} is damaged or not a fastadam "
+                                 f"checkpoint ({what})") from e
     if as_torch:
         from .torch import to_torch_state_dict
         sd = to_torch_state_dict(sd)

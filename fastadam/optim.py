@@ -63,9 +63,17 @@ class Adam:
         ``{"params": [...], "lr": ..., ...}`` with per-group hyperparameters.
     lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
         As ``torch.optim.Adam`` (defaults identical).
+    n_threads : int, optional
+        Threads per step (``None``: :func:`fastadam.get_num_threads` at call time).
 
     Notes
     -----
+    Param groups carry torch's keys; ``fused`` is recorded as True (the
+    arithmetic is ``torch.optim.Adam(fused=True)``'s), so a checkpoint
+    loaded into ``torch.optim`` continues on torch's fused kernel. The state
+    dict holds numpy arrays and int steps: ``fastadam.save``/``load`` it, or
+    :func:`fastadam.torch.to_torch_state_dict` it for ``torch.optim``.
+
     Per parameter and step t (see :func:`fastadam.adam_step`)::
 
         m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
@@ -99,7 +107,7 @@ class Adam:
         _threads.check(n_threads)
         self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                              amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=None,
-                             capturable=False, differentiable=False, fused=None,
+                             capturable=False, differentiable=False, fused=True,
                              decoupled_weight_decay=bool(decoupled_weight_decay))
         self.n_threads = n_threads
         plist = list(params)
@@ -244,6 +252,8 @@ class Adam:
                 if k in sg:
                     g[k] = tuple(sg[k]) if k == "betas" else sg[k]
             g["lr"] = _to_number(g["lr"])
+            if g["fused"] is None and not g["foreach"]:
+                g["fused"] = True      # fastadam's arithmetic is torch fused's
         self.state = new_state
 
 

@@ -196,7 +196,7 @@ def _encode(state_dict: Any) -> tuple[bytes, list[tuple[str, npt.NDArray[Any]]]]
 
 def _crc32(arr: npt.NDArray[Any]) -> int:
     flat = arr.reshape(-1)
-    return zlib.crc32(flat.view(np.uint8)) if flat.size else 0
+    return zlib.crc32(flat.view(np.uint8).data) if flat.size else 0
 
 
 def save(state_dict: StateDict, path: PathLike) -> None:
@@ -336,7 +336,7 @@ def _decode(zf: zipfile.ZipFile) -> StateDict:
     state: dict[int, dict[str, Any]] = {}
     if "format" not in header:        # written before the format had a version
         for key, meta in header["state"].items():
-            st = {"step": _load_step(meta["step"], f"state {key}")}
+            st: dict[str, Any] = {"step": _load_step(meta["step"], f"state {key}")}
             for k in meta.get("arrays", []):
                 st[k] = _read(zf, f"state/{key}/{k}.npy")
             state[int(key)] = st
@@ -349,7 +349,7 @@ def _decode(zf: zipfile.ZipFile) -> StateDict:
     for key, entries in header["state"].items():
         if not key.isdigit() or not isinstance(entries, dict):
             raise _Bad(f"state {key!r} is malformed")
-        st = {}
+        st: dict[str, Any] = {}
         for k, e in entries.items():
             kind = e.get("kind") if isinstance(e, dict) else None
             if kind == "step":

@@ -179,7 +179,7 @@ class Adam(Optimizer):
         state_of = self.state
         strided = torch.strided
         params = group["params"]
-        seen = set() if V.duplicates(self._fa_dups, gi, params) else None
+        seen: Any = set() if V.duplicates(self._fa_dups, gi, params) else None
         for i, p in enumerate(params):
             g = p.grad
             if g is None:

@@ -11,6 +11,8 @@ bit-identical (state created for a first step may remain, zeroed, as with
 torch). With one table the single call is :func:`fastadam.sparse_adam_step`,
 which validates everything (ids in its merge pass) before it writes.
 """
+from typing import Any
+
 import torch
 from torch.optim.optimizer import Optimizer
 
@@ -120,7 +122,7 @@ class SparseAdam(Optimizer):
         coo = torch.sparse_coo
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            seen = set() if V.duplicates(self._fa_dups, gi, params) else None
+            seen: Any = set() if V.duplicates(self._fa_dups, gi, params) else None
             for i, p in enumerate(params):
                 g = p.grad
                 if g is None:

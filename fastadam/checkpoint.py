@@ -349,7 +349,7 @@ def _decode(zf: zipfile.ZipFile) -> StateDict:
     for key, entries in header["state"].items():
         if not key.isdigit() or not isinstance(entries, dict):
             raise _Bad(f"state {key!r} is malformed")
-        st: dict[str, Any] = {}
+        st = {}
         for k, e in entries.items():
             kind = e.get("kind") if isinstance(e, dict) else None
             if kind == "step":

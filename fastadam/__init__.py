@@ -12,8 +12,9 @@ from ._config import show_config
 from ._dispatch import ISA as isa
 from ._threads import get_num_threads, set_num_threads
 from ._version import __version__
+from .checkpoint import load, save
 from .functional import adam_step, adamw_step, grad_norm, sparse_adam_step
-from .optim import Adam, AdamW, SparseAdam, load, save
+from .optim import Adam, AdamW, SparseAdam
 
 __all__ = [
     "adam_step", "adamw_step", "grad_norm", "sparse_adam_step", "functional",

@@ -5,14 +5,13 @@ per-group hyperparameters, state created lazily on the first step, integer
 step counts per parameter, and ``state_dict()`` / ``load_state_dict()`` in
 torch's layout (``state`` keyed by parameter index with ``step``,
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; ``param_groups`` with torch's
-keys and ``params`` as index lists). ``SparseAdam`` mirrors
-``torch.optim.SparseAdam`` for one embedding table. ``save``/``load`` write
-such a dict to a ``.npz`` file (no pickle); resuming from it is
+keys and ``params`` as index lists), holding numpy arrays and an int ``step``
+(:func:`fastadam.torch.to_torch_state_dict` turns it into tensors for
+``torch.optim``). ``SparseAdam`` mirrors ``torch.optim.SparseAdam`` for one
+embedding table. :mod:`fastadam.checkpoint` (``fastadam.save``/``load``)
+writes such a dict to a ``.npz`` file (no pickle); resuming from it is
 bit-identical. Every ``step`` plans all its kernel calls before running any.
 """
-import copy
-import json
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
@@ -30,6 +29,7 @@ from ._validate import (
     to_numpy,
     to_scalar,
 )
+from .checkpoint import load, save  # noqa: F401  (the names' old home)
 
 __all__ = ["Adam", "AdamW", "SparseAdam", "save", "load", "new_state"]
 
@@ -63,9 +63,17 @@ class Adam:
         ``{"params": [...], "lr": ..., ...}`` with per-group hyperparameters.
     lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
         As ``torch.optim.Adam`` (defaults identical).
+    n_threads : int, optional
+        Threads per step (``None``: :func:`fastadam.get_num_threads` at call time).
 
     Notes
     -----
+    Param groups carry torch's keys; ``fused`` is recorded as True (the
+    arithmetic is ``torch.optim.Adam(fused=True)``'s), so a checkpoint
+    loaded into ``torch.optim`` continues on torch's fused kernel. The state
+    dict holds numpy arrays and int steps: ``fastadam.save``/``load`` it, or
+    :func:`fastadam.torch.to_torch_state_dict` it for ``torch.optim``.
+
     Per parameter and step t (see :func:`fastadam.adam_step`)::
 
         m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
@@ -99,7 +107,7 @@ class Adam:
         _threads.check(n_threads)
         self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                              amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=None,
-                             capturable=False, differentiable=False, fused=None,
+                             capturable=False, differentiable=False, fused=True,
                              decoupled_weight_decay=bool(decoupled_weight_decay))
         self.n_threads = n_threads
         plist = list(params)
@@ -244,6 +252,8 @@ class Adam:
                 if k in sg:
                     g[k] = tuple(sg[k]) if k == "betas" else sg[k]
             g["lr"] = _to_number(g["lr"])
+            if g["fused"] is None and not g["foreach"]:
+                g["fused"] = True      # fastadam's arithmetic is torch fused's
         self.state = new_state
 
 
@@ -486,49 +496,3 @@ def _to_number(x):
     if isinstance(x, float) and x.is_integer():
         return int(x)
     return x
-
-
-def save(state_dict: StateDict, path: Union[str, os.PathLike[str]]) -> None:
-    """Write an optimizer ``state_dict`` to ``path`` (``.npz``, no pickle).
-
-    Examples
-    --------
-    >>> import numpy as np, fastadam as fa, tempfile, os
-    >>> w = np.zeros(2); opt = fa.Adam([w]); opt.step([np.ones(2)])
-    >>> f = os.path.join(tempfile.mkdtemp(), "ckpt.npz")
-    >>> fa.save(opt.state_dict(), f)
-    >>> fa.load(f)["state"][0]["step"]
-    1
-    """
-    arrays = {}
-    state_meta = {}
-    for i, st in state_dict["state"].items():
-        meta: dict[str, Any] = {}
-        for k, v in st.items():
-            if k == "step":
-                meta["step"] = int(_to_number(v))
-            else:
-                arrays[f"state/{i}/{k}"] = to_numpy(v)
-                meta.setdefault("arrays", []).append(k)
-        state_meta[str(i)] = meta
-    header = {"state": state_meta, "param_groups": state_dict["param_groups"]}
-    arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def load(path: Union[str, os.PathLike[str]]) -> StateDict:
-    """Read a state dict written by :func:`save`."""
-    with np.load(path, allow_pickle=False) as z:
-        header = json.loads(bytes(z["__header__"]).decode())
-        state = {}
-        for i, meta in header["state"].items():
-            st = {"step": meta["step"]}
-            for k in meta.get("arrays", []):
-                st[k] = z[f"state/{i}/{k}"].copy()
-            state[int(i)] = st
-    groups = copy.deepcopy(header["param_groups"])
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}

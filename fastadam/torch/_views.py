@@ -48,11 +48,16 @@ def new_state(p, keys, dtype=None):
             for k in keys}
 
 
-def check_param(cls, p, where):
-    """Raise a clear error for a parameter fastadam cannot step."""
+def check_param(cls, p, where, device=True):
+    """Raise a clear error for a parameter fastadam cannot step.
+
+    ``device=False`` (at construction) accepts any device: parameters may be
+    built on ``meta`` and materialised later (deferred init); the step checks
+    the device.
+    """
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{cls}: {where} must be a torch.Tensor, got {type(p).__name__}")
-    if p.device.type != "cpu":
+    if device and p.device.type != "cpu":
         raise ValueError(f"{cls}: {where} is on device '{p.device}'; fastadam steps CPU tensors "
                          "only (use torch.optim's fused optimizers on accelerators)")
     if p.layout != torch.strided:
@@ -67,6 +72,29 @@ def check_param(cls, p, where):
                         "torch.autocast, for mixed precision)")
     raise TypeError(f"{cls}: {where} has dtype {dt}; fastadam steps float32/float64 "
                     "(and complex64/complex128) parameters only")
+
+
+def check_not_meta(cls, p, where):
+    """At step time: a parameter without a gradient may be skipped, unless it is
+    still on the meta device (it could never be stepped: a stale Parameter)."""
+    if p.is_meta:
+        raise ValueError(
+            f"{cls}: {where} is still on the meta device at step time. Materialise the "
+            "parameters the optimizer holds: call "
+            "torch.__future__.set_swap_module_params_on_conversion(True) before "
+            "model.to_empty(device='cpu') (it keeps the Parameter objects), or build the "
+            "optimizer after to_empty")
+
+
+def duplicates(cache, gi, params):
+    """True if the list ``params`` holds a tensor twice (cached per group while the
+    list object and its length stay the same: no hashing on every step)."""
+    c = cache.get(gi)
+    if c is not None and c[0] is params and c[1] == len(params):
+        return c[2]
+    dup = len({id(p) for p in params}) != len(params)
+    cache[gi] = (params, len(params), dup)
+    return dup
 
 
 def is_dense(t):

@@ -28,6 +28,7 @@ from .. import functional as _F
 from .._validate import check_grad_scale, check_hyper
 from ..functional import plan_sparse_adam
 from . import _views as V
+from ._state import resolve_fused, to_torch_state_dict
 
 __all__ = ["Adam", "AdamW"]
 
@@ -40,10 +41,19 @@ class Adam(Optimizer):
     r"""Drop-in for ``torch.optim.Adam`` whose step runs fastadam's fused CPU kernel.
 
     Arguments, defaults, ``param_groups``, ``state`` and ``state_dict()`` are
-    torch's (``foreach`` and ``fused`` are accepted and recorded; the update is
+    torch's. ``foreach`` and ``fused`` are accepted and recorded; the update is
     always fastadam's, which is bitwise equal to ``torch.optim.Adam(fused=True)``
-    on AVX2/AVX-512 CPUs). Extra keyword: ``n_threads`` (None: fastadam's
-    default, resolved at each step).
+    on AVX2/AVX-512 CPUs, so groups record ``fused=True`` unless ``fused=False``
+    or ``foreach=True`` was passed (or the group has complex parameters): a
+    checkpoint loaded into ``torch.optim`` continues with torch's fused kernel.
+    Extra keyword: ``n_threads`` (None: fastadam's default, resolved at each
+    step; it follows the OpenMP runtime that torch shares, see
+    :func:`fastadam.set_num_threads`).
+
+    Parameters may be on any device (e.g. ``meta``, for deferred init) when
+    the optimizer is built; they must be CPU tensors when stepped. A tensor
+    listed twice in a group gets torch's warning and is stepped once.
+    ``load_state_dict`` also takes numpy-layout dicts (``fastadam.load``).
 
     Dense parameters of a param group are stepped in ONE native call (per
     dtype) on zero-copy numpy views of the parameter, gradient and state
@@ -92,15 +102,26 @@ class Adam(Optimizer):
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         self._fa_views = {}
+        self._fa_dups = {}
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling the grads.
         self._step_supports_amp_scaling = True
 
     def add_param_group(self, param_group):
+        """torch's ``add_param_group`` (its checks, defaults and duplicate warning), then
+        fastadam's parameter checks; a rejected group is not added. Records
+        ``fused=True`` unless ``fused``/``foreach`` say otherwise (see
+        :func:`fastadam.torch.resolve_fused`): fastadam's arithmetic is torch fused's."""
+        n = len(self.param_groups)
         super().add_param_group(param_group)
-        gi = len(self.param_groups) - 1
-        for i, p in enumerate(self.param_groups[-1]["params"]):
-            V.check_param(type(self).__name__, p, f"parameter {i} of param group {gi}")
+        try:
+            for i, p in enumerate(self.param_groups[-1]["params"]):
+                V.check_param(type(self).__name__, p, f"parameter {i} of param group {n}",
+                              device=False)
+        except Exception:
+            del self.param_groups[n:]
+            raise
+        resolve_fused(self.param_groups[-1])
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -114,6 +135,7 @@ class Adam(Optimizer):
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
         self.__dict__.setdefault("n_threads", None)
         self._fa_views = {}
+        self._fa_dups = {}
         self._step_supports_amp_scaling = True
 
     def __getstate__(self):
@@ -122,8 +144,14 @@ class Adam(Optimizer):
         return d
 
     def load_state_dict(self, state_dict):
+        """torch's ``load_state_dict``; also takes numpy-layout dicts (``fastadam.load``,
+        ``fastadam.Adam.state_dict()``), converted by :func:`fastadam.torch.to_torch_state_dict`.
+        A group whose ``fused`` is None is recorded as ``fused=True`` (as at construction)."""
         self._fa_views = {}  # drop views of the replaced state tensors
-        super().load_state_dict(state_dict)
+        self._fa_dups = {}
+        super().load_state_dict(to_torch_state_dict(state_dict))
+        for group in self.param_groups:
+            resolve_fused(group)
 
     # -- the step ---------------------------------------------------------
     def _new_state(self, p, amsgrad):
@@ -150,10 +178,18 @@ class Adam(Optimizer):
         cache = self._fa_views
         state_of = self.state
         strided = torch.strided
-        for i, p in enumerate(group["params"]):
+        params = group["params"]
+        seen: Any = set() if V.duplicates(self._fa_dups, gi, params) else None
+        for i, p in enumerate(params):
             g = p.grad
             if g is None:
+                if p.is_meta:
+                    V.check_not_meta(cls, p, f"parameter {i} of param group {gi}")
                 continue
+            if seen is not None:   # a duplicate (torch warned) is stepped once
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
             # Fast path: a contiguous real parameter stepped before, same state tensors,
             # same memory: reuse the validated numpy views of p and its state; only the
             # gradient (a new tensor after zero_grad) is checked and viewed afresh.

@@ -11,6 +11,8 @@ bit-identical (state created for a first step may remain, zeroed, as with
 torch). With one table the single call is :func:`fastadam.sparse_adam_step`,
 which validates everything (ids in its merge pass) before it writes.
 """
+from typing import Any
+
 import torch
 from torch.optim.optimizer import Optimizer
 
@@ -18,6 +20,7 @@ from .. import _threads
 from .. import functional as _F
 from ..functional import plan_sparse_adam, sparse_adam_step
 from . import _views as V
+from ._state import to_torch_state_dict
 
 __all__ = ["SparseAdam"]
 
@@ -30,7 +33,10 @@ class SparseAdam(Optimizer):
     Same arguments, defaults, errors and state (``step`` an int, ``exp_avg``,
     ``exp_avg_sq``) as torch. Each step touches only the rows present in the
     sparse gradient; duplicate row ids are summed inside the kernel (torch
-    coalesces first). Extra keyword: ``n_threads``.
+    coalesces first). Extra keyword: ``n_threads``. Parameters may be on any
+    device when the optimizer is built (deferred init), must be CPU tensors
+    when stepped; a tensor listed twice gets torch's warning and is stepped
+    once. ``load_state_dict`` also takes numpy-layout dicts (``fastadam.load``).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *,
@@ -47,6 +53,7 @@ class SparseAdam(Optimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         self.n_threads = _threads.check(n_threads)
         self._fa_views = {}
+        self._fa_dups = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
         super().__init__(params, defaults)
         sparse_params = []
@@ -63,9 +70,21 @@ class SparseAdam(Optimizer):
         if complex_params:
             raise ValueError(f"Complex params at indices {complex_params}: SparseAdam does not "
                              "support complex parameters")
-        for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                V.check_param("SparseAdam", p, f"parameter {i} of param group {gi}")
+
+    def add_param_group(self, param_group):
+        """torch's ``add_param_group`` (its checks, defaults and duplicate warning), then
+        fastadam's parameter checks (any device: deferred init); a rejected group is
+        not added."""
+        n = len(self.param_groups)
+        super().add_param_group(param_group)
+        try:
+            for i, p in enumerate(self.param_groups[-1]["params"]):
+                if not p.is_sparse:   # sparse params: torch's ValueError in __init__
+                    V.check_param("SparseAdam", p, f"parameter {i} of param group {n}",
+                                  device=False)
+        except Exception:
+            del self.param_groups[n:]
+            raise
 
     def __getstate__(self):
         d = super().__getstate__()
@@ -76,10 +95,15 @@ class SparseAdam(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("n_threads", None)
         self._fa_views = {}
+        self._fa_dups = {}
 
     def load_state_dict(self, state_dict):
+        """torch's ``load_state_dict``; also takes numpy-layout dicts (``fastadam.load``,
+        ``fastadam.SparseAdam.state_dict()``), converted by
+        :func:`fastadam.torch.to_torch_state_dict`."""
         self._fa_views = {}  # drop views of the replaced state tensors
-        super().load_state_dict(state_dict)
+        self._fa_dups = {}
+        super().load_state_dict(to_torch_state_dict(state_dict))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -97,10 +121,18 @@ class SparseAdam(Optimizer):
         state_of = self.state
         coo = torch.sparse_coo
         for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
+            params = group["params"]
+            seen: Any = set() if V.duplicates(self._fa_dups, gi, params) else None
+            for i, p in enumerate(params):
                 g = p.grad
                 if g is None:
+                    if p.is_meta:
+                        V.check_not_meta("SparseAdam", p, f"parameter {i} of param group {gi}")
                     continue
+                if seen is not None:   # a duplicate (torch warned) is stepped once
+                    if id(p) in seen:
+                        continue
+                    seen.add(id(p))
                 # Fast path: p stepped before, same state tensors, same memory, a
                 # COO gradient over the first dimension (nn.Embedding's): reuse the
                 # validated numpy views; only the gradient is viewed afresh. Every

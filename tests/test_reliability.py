@@ -1,0 +1,124 @@
+"""Reliability: fork safety, thread bounds, concurrency (docs/reliability.md)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_py(code, timeout=120, env=None, preexec_fn=None):
+    """Run ``code`` in a fresh interpreter; its stdout, or fail (never hang)."""
+    e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    e.update(env or {})
+    try:
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                           text=True, timeout=timeout, env=e, preexec_fn=preexec_fn)
+    except subprocess.TimeoutExpired as exc:  # pragma: no cover - the bug
+        pytest.fail(f"subprocess hung (killed after {timeout} s): {exc.stdout} {exc.stderr}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+# ------------------------------------------------------------------ fork
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_forked_child_steps_serially_and_does_not_hang():
+    """The parent ran a threaded step (started the OpenMP pool); a 'fork'
+    child then steps with n_threads=2: it must finish, with the same result."""
+    out = _run_py("""
+        import hashlib, multiprocessing as mp, sys
+        import numpy as np, fastadam as fa
+
+        def state():
+            rng = np.random.default_rng(0)
+            p = rng.standard_normal(1 << 20).astype(np.float32)
+            g = rng.standard_normal(1 << 20).astype(np.float32)
+            return p, g, np.zeros_like(p), np.zeros_like(p)
+
+        def child(q):
+            p, g, m, v = state()
+            fa.adam_step(p, g, m, v, step=1, n_threads=2)
+            fa.functional.adam([p, p.copy()], [g, g], [m, m.copy()], [v, v.copy()],
+                               steps=2, n_threads=2)
+            t = np.zeros((1000, 64), np.float32)
+            ids = np.arange(1000).repeat(2)
+            gr = np.ones((2000, 64), np.float32)
+            fa.sparse_adam_step(t, ids, gr, np.zeros_like(t), np.zeros_like(t), step=1,
+                                n_threads=2)
+            fa.grad_norm(g, n_threads=2)
+            digest = hashlib.sha256(p.tobytes()).hexdigest()
+            q.put((digest, fa.get_num_threads(), fa._threads.forked()))
+
+        if __name__ == "__main__":
+            p, g, m, v = state()
+            fa.adam_step(p, g, m, v, step=1, n_threads=2)       # the pool is started
+            fa.functional.adam([p, p.copy()], [g, g], [m, m.copy()], [v, v.copy()],
+                               steps=2, n_threads=1)
+            ctx = mp.get_context("fork")
+            q = ctx.Queue()
+            c = ctx.Process(target=child, args=(q,))
+            c.start()
+            c.join(30)
+            if c.is_alive():
+                c.kill()
+                c.join()
+                print("HUNG")
+                sys.exit(3)
+            got, nt, forked = q.get(timeout=5)
+            assert c.exitcode == 0, c.exitcode
+            assert got == hashlib.sha256(p.tobytes()).hexdigest()
+            assert nt == 1 and forked
+            assert not fa._threads.forked()
+            print("OK")
+    """)
+    assert "OK" in out
+
+
+# --------------------------------------------------------------- threads
+
+def test_thread_count_is_capped_at_the_usable_cpus(restore_threads):
+    import fastadam as fa
+    from fastadam import _threads
+    cap = _threads.max_threads()
+    assert cap == len(os.sched_getaffinity(0))
+    fa.set_num_threads(10**9)
+    assert fa.get_num_threads() == cap
+    assert _threads.resolve(None, 1 << 30) == cap
+    assert _threads.resolve(10**9, 1 << 30) == cap
+    assert _threads.resolve(10**30, 1 << 30) == cap      # beyond a C int: clamped first
+    fa.set_num_threads(None)
+    with pytest.raises(TypeError, match="n_threads"):
+        _threads.check(True)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no affinity API")
+def test_default_threads_follow_affinity_and_omp_num_threads():
+    """A process pinned to one CPU runs one thread, whatever OMP_NUM_THREADS
+    or set_num_threads say; a huge explicit count starts no extra OS threads."""
+    cpu = min(os.sched_getaffinity(0))
+    out = _run_py("""
+        import os
+        import numpy as np, fastadam as fa
+        before = len(os.listdir("/proc/self/task"))
+        a = fa.get_num_threads()
+        fa.set_num_threads(10**9)
+        b = fa.get_num_threads()
+        p = np.zeros(1 << 22, np.float32)
+        fa.adam_step(p, p.copy(), np.zeros_like(p), np.zeros_like(p), step=1, n_threads=10**9)
+        print(a, b, len(os.listdir("/proc/self/task")) - before)
+    """, env={"OMP_NUM_THREADS": "4"}, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    assert out.split() == ["1", "1", "0"]
+    n = len(os.sched_getaffinity(0))
+    out = _run_py("""
+        import os
+        import numpy as np, fastadam as fa
+        before = len(os.listdir("/proc/self/task"))
+        p = np.zeros(1 << 22, np.float32)
+        fa.adam_step(p, p.copy(), np.zeros_like(p), np.zeros_like(p), step=1, n_threads=10**9)
+        print(fa.get_num_threads(), len(os.listdir("/proc/self/task")) - before)
+    """)
+    nt, extra = map(int, out.split())
+    assert nt <= n and extra <= n - 1

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from . import _plan, _threads
 from . import functional as F
 from ._validate import (
+    check_bool,
     check_buffer,
     check_grad_scale,
     check_hyper,
@@ -98,9 +99,11 @@ class Adam:
         check_hyper(lr, betas, eps, weight_decay)
         _threads.check(n_threads)
         self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                             amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=None,
+                             amsgrad=check_bool(amsgrad, "amsgrad"),
+                             maximize=check_bool(maximize, "maximize"), foreach=None,
                              capturable=False, differentiable=False, fused=None,
-                             decoupled_weight_decay=bool(decoupled_weight_decay))
+                             decoupled_weight_decay=check_bool(decoupled_weight_decay,
+                                                               "decoupled_weight_decay"))
         self.n_threads = n_threads
         plist = list(params)
         if not plist:
@@ -332,9 +335,12 @@ class SparseAdam:
         self.table = table
         self.n_threads = n_threads
         group: dict[str, Any] = {"lr": lr, "betas": tuple(betas), "eps": eps,
-                                 "maximize": bool(maximize)}
-        ext = dict(weight_decay=weight_decay, decoupled_weight_decay=bool(decoupled_weight_decay),
-                   amsgrad=bool(amsgrad), rowwise=bool(rowwise), per_row_step=bool(per_row_step))
+                                 "maximize": check_bool(maximize, "maximize")}
+        ext = dict(weight_decay=weight_decay,
+                   decoupled_weight_decay=check_bool(decoupled_weight_decay,
+                                                     "decoupled_weight_decay"),
+                   amsgrad=check_bool(amsgrad, "amsgrad"), rowwise=check_bool(rowwise, "rowwise"),
+                   per_row_step=check_bool(per_row_step, "per_row_step"))
         group.update(ext)
         self.param_groups = [group]
         self.state = {}

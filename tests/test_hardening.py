@@ -142,3 +142,167 @@ def test_good_scalars_still_accepted():
                  n_threads=np.int64(1))
     fa.adam_step(p, g, m, v, step=2.0, lr=1, betas=(0, 0))
     fa.adam_step(p, g, m, v, step=2**63 - 1)
+
+
+# ------------------------------------------- finding 7: load_state_dict
+
+def _adam_opt():
+    rng = np.random.default_rng(2)
+    ps = [rng.standard_normal(5).astype(np.float32), rng.standard_normal((2, 3)),
+          rng.standard_normal(4).astype(np.float32)]
+    opt = fa.Adam([{"params": ps[:2]}, {"params": ps[2:], "amsgrad": True, "lr": 0.01}])
+    for _ in range(2):
+        opt.step([np.ones_like(p) for p in ps])
+    return opt, ps
+
+
+def _snapshot(opt):
+    groups = [{k: (v if k != "params" else [id(p) for p in v]) for k, v in g.items()}
+              for g in opt.param_groups]
+    state = {pid: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+             for pid, st in opt.state.items()}
+    return groups, state, {pid: {k: id(v) for k, v in st.items()} for pid, st in opt.state.items()}
+
+
+def _assert_same(opt, snap):
+    groups, state, ids = snap
+    now = _snapshot(opt)
+    assert now[0] == groups
+    assert [[type(v) for v in g.values()] for g in now[0]] == \
+        [[type(v) for v in g.values()] for g in groups]
+    assert now[2] == ids
+    for pid, st in state.items():
+        for k, v in st.items():
+            if isinstance(v, np.ndarray):
+                assert_bitwise([opt.state[pid][k]], [v])
+            else:
+                assert opt.state[pid][k] == v and type(opt.state[pid][k]) is type(v)
+
+
+def _sd_copy(opt):
+    import copy
+    return copy.deepcopy(opt.state_dict())
+
+
+def _mut(fn):
+    def make(sd):
+        fn(sd)
+        return sd
+    return make
+
+
+ADAM_BAD_SD = [
+    ("missing-exp_avg", _mut(lambda sd: sd["state"][1].pop("exp_avg")), ValueError, "exp_avg"),
+    ("missing-vmax-amsgrad", _mut(lambda sd: sd["state"][2].pop("max_exp_avg_sq")), ValueError,
+     "max_exp_avg_sq"),
+    ("missing-step", _mut(lambda sd: sd["state"][0].pop("step")), ValueError, "step"),
+    ("lr-negative", _mut(lambda sd: sd["param_groups"][1].update(lr=-1)), ValueError, "lr"),
+    ("lr-nan", _mut(lambda sd: sd["param_groups"][0].update(lr=float("nan"))), ValueError, "lr"),
+    ("lr-str", _mut(lambda sd: sd["param_groups"][0].update(lr="0.1")), TypeError, "lr"),
+    ("betas-str", _mut(lambda sd: sd["param_groups"][0].update(betas="ab")), TypeError, "betas"),
+    ("betas-range", _mut(lambda sd: sd["param_groups"][0].update(betas=(0.9, 1.0))), ValueError,
+     "betas"),
+    ("eps-inf", _mut(lambda sd: sd["param_groups"][1].update(eps=float("inf"))), ValueError,
+     "eps"),
+    ("maximize-str", _mut(lambda sd: sd["param_groups"][0].update(maximize="false")), TypeError,
+     "maximize"),
+    ("amsgrad-int", _mut(lambda sd: sd["param_groups"][0].update(amsgrad=1)), TypeError,
+     "amsgrad"),
+    ("fused-str", _mut(lambda sd: sd["param_groups"][0].update(fused="no")), TypeError, "fused"),
+    ("index-out-of-range", _mut(lambda sd: sd["param_groups"][1].update(params=[7])),
+     ValueError, "permutation"),
+    ("index-repeated", _mut(lambda sd: sd["param_groups"][1].update(params=[0])), ValueError,
+     "permutation"),
+    ("index-bool", _mut(lambda sd: sd["param_groups"][1].update(params=[True])), TypeError,
+     "ints"),
+    ("group-size", _mut(lambda sd: sd["param_groups"][0].update(params=[0])), ValueError,
+     "sizes"),
+    ("groups-count", _mut(lambda sd: sd["param_groups"].pop()), ValueError, "param groups"),
+    ("state-key-out-of-range", _mut(lambda sd: sd["state"].update({9: sd["state"][0]})),
+     ValueError, "state key"),
+    ("state-key-junk", _mut(lambda sd: sd["state"].update({"x": sd["state"][0]})),
+     ValueError, "state key"),
+    ("shape", _mut(lambda sd: sd["state"][1].update(exp_avg=np.zeros(6))), ValueError, "shape"),
+    ("dtype-str", _mut(lambda sd: sd["state"][0].update(exp_avg=np.array(["a"] * 5))),
+     TypeError, "exp_avg"),
+    ("dtype-complex", _mut(lambda sd: sd["state"][0].update(exp_avg=np.zeros(5, complex))),
+     TypeError, "exp_avg"),
+    ("overflow-f32", _mut(lambda sd: sd["state"][0].update(exp_avg=np.full(5, 1e300))),
+     ValueError, "too large"),
+    ("negative-v", _mut(lambda sd: sd["state"][2].update(exp_avg_sq=-np.ones(4))), ValueError,
+     "negative"),
+    ("step-negative", _mut(lambda sd: sd["state"][0].update(step=-1)), ValueError, "step"),
+    ("step-fraction", _mut(lambda sd: sd["state"][0].update(step=1.5)), ValueError, "step"),
+    ("step-bool", _mut(lambda sd: sd["state"][0].update(step=True)), TypeError, "step"),
+    ("step-huge", _mut(lambda sd: sd["state"][0].update(step=2**64)), ValueError, "step"),
+    ("unknown-key", _mut(lambda sd: sd["state"][0].update(junk=1)), ValueError, "junk"),
+    ("not-a-dict", lambda sd: [sd], TypeError, "state_dict"),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in ADAM_BAD_SD],
+                         ids=[c[0] for c in ADAM_BAD_SD])
+def test_adam_load_state_dict_rejects_and_changes_nothing(make, exc, match):
+    opt, ps = _adam_opt()
+    bad = make(_sd_copy(opt))
+    snap = _snapshot(opt)
+    with pytest.raises(exc, match=match):
+        opt.load_state_dict(bad)
+    _assert_same(opt, snap)
+    # and it still steps
+    opt.step([np.ones_like(p) for p in ps])
+
+
+def test_adam_load_state_dict_good_variants():
+    opt, ps = _adam_opt()
+    sd = _sd_copy(opt)
+    sd["state"] = {str(k): v for k, v in sd["state"].items()}      # JSON-style keys
+    sd["state"]["0"]["step"] = np.float64(2.0)
+    sd["param_groups"][0]["maximize"] = np.bool_(False)
+    opt2 = fa.Adam([{"params": [p.copy() for p in ps[:2]]},
+                    {"params": [ps[2].copy()], "amsgrad": True}])
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[1]["lr"] == 0.01
+    assert opt2.state_dict()["state"][0]["step"] == 2
+    del sd["state"]["1"]          # a param without state is fine (created on the next step)
+    opt2.load_state_dict(sd)
+    assert len(opt2.state) == 2
+
+
+SPARSE_BAD_SD = [
+    ("lr-negative", _mut(lambda sd: sd["param_groups"][0].update(lr=-1)), ValueError, "lr"),
+    ("maximize-str", _mut(lambda sd: sd["param_groups"][0].update(maximize="false")), TypeError,
+     "maximize"),
+    ("amsgrad-missing-vmax", _mut(lambda sd: sd["param_groups"][0].update(amsgrad=True)),
+     ValueError, "max_exp_avg_sq"),
+    ("shape", _mut(lambda sd: sd["state"][0].update(exp_avg_sq=np.zeros((3, 3)))), ValueError,
+     "shape"),
+    ("dtype-str", _mut(lambda sd: sd["state"][0].update(exp_avg_sq=np.full((10, 4), "x"))),
+     TypeError, "exp_avg_sq"),
+    ("negative-v", _mut(lambda sd: sd["state"][0].update(exp_avg_sq=-np.ones((10, 4)))),
+     ValueError, "negative"),
+    ("step", _mut(lambda sd: sd["state"][0].update(step="3")), TypeError, "step"),
+    ("betas-str", _mut(lambda sd: sd["param_groups"][0].update(betas="ab")), TypeError, "betas"),
+    ("extra-state", _mut(lambda sd: sd["state"].update({1: {}})), ValueError, "state"),
+]
+
+
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in SPARSE_BAD_SD],
+                         ids=[c[0] for c in SPARSE_BAD_SD])
+def test_sparse_load_state_dict_rejects_and_changes_nothing(make, exc, match, tmp_path):
+    t = np.zeros((10, 4), np.float32)
+    m = np.lib.format.open_memmap(tmp_path / "m.npy", "w+", np.float32, (10, 4))
+    v = np.lib.format.open_memmap(tmp_path / "v.npy", "w+", np.float32, (10, 4))
+    opt = fa.SparseAdam(t, lr=0.1, exp_avg=m, exp_avg_sq=v)
+    opt.step(np.array([1, 2, 2]), np.ones((3, 4), np.float32))
+    good = _sd_copy(opt)
+    good["state"][0]["exp_avg"] = good["state"][0]["exp_avg"] + 1   # differs from the live state
+    bad = make(good)
+    group = dict(opt.param_groups[0])
+    before = copies([m, v, t])
+    with pytest.raises(exc, match=match):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0] == group
+    assert opt.state["exp_avg"] is m and opt.state["exp_avg_sq"] is v
+    assert_bitwise([m, v, t], before)
+    assert opt.state["step"] == 1

@@ -40,6 +40,10 @@ def check_buffer(name, a, *, writable=True):
         raise TypeError(f"{name} must have dtype {_DTYPE_LIST} (native byte order), "
                         f"got {a.dtype}")
     flags = a.flags
+    if not flags.aligned:
+        raise ValueError(f"{name} is not aligned: its data address {a.ctypes.data:#x} is not a "
+                         f"multiple of its itemsize {a.itemsize} (e.g. np.frombuffer with an "
+                         "odd offset); copy it into a fresh array")
     if not flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous, got strides {a.strides} "
                          f"for shape {a.shape}")
@@ -76,9 +80,14 @@ def id_out_of_range(indices, pos, n_rows):
 
 
 def negative_row_step(indices, pos, row_step):
-    """The ValueError for a negative per-row count of row ``indices[pos]``."""
+    """The ValueError for a per-row count of row ``indices[pos]`` that is
+    negative or would overflow int64 when incremented."""
     r = int(indices[pos])
-    return ValueError(f"row_step[{r}] = {int(row_step[r])} is negative (row id "
+    c = int(row_step[r])
+    if c >= 0:
+        return ValueError(f"row_step[{r}] = {c} (row id indices[{pos}]) cannot be incremented: "
+                          "per-row step counts must be >= 0 and < 2**63 - 1")
+    return ValueError(f"row_step[{r}] = {c} is negative (row id "
                       f"indices[{pos}]); per-row step counts must be >= 0")
 
 

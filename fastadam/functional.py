@@ -577,7 +577,8 @@ def plan_sparse_adam(table: Array, indices: Array, grad_rows: Array, exp_avg: Ar
     if int(ids.min()) < 0 or int(ids.max()) >= n_rows:
         raise id_out_of_range(ids, int(np.flatnonzero((ids < 0) | (ids >= n_rows))[0]), n_rows)
     if rs is not None:
-        neg = np.flatnonzero(rs[ids] < 0)
+        c = rs[ids]
+        neg = np.flatnonzero((c < 0) | (c == np.iinfo(np.int64).max))
         if neg.size:
             raise negative_row_step(ids, int(neg[0]), rs)
     return plan
@@ -644,7 +645,8 @@ def _check_indices(indices, n_rows):
     if indices.ndim != 1:
         raise ValueError(f"indices must be 1-D (one row id per gradient row), got shape "
                          f"{indices.shape}")
-    if (dt == _I32 or dt == _I64) and dt.isnative and indices.flags.c_contiguous:
+    if (dt == _I32 or dt == _I64) and dt.isnative and indices.flags.c_contiguous \
+            and indices.flags.aligned:
         return indices
     if dt.kind == "u" and dt.itemsize == 8 and indices.size:
         big = np.flatnonzero(indices > np.iinfo(np.int64).max)
@@ -664,6 +666,9 @@ def check_row_step(row_step: Any, n_rows: int) -> None:
                          f"got {row_step.shape}")
     if not row_step.flags.c_contiguous:
         raise ValueError(f"row_step must be C-contiguous, got strides {row_step.strides}")
+    if not row_step.flags.aligned:
+        raise ValueError("row_step is not aligned: its data address is not a multiple of 8 "
+                         "(copy it into a fresh array)")
     if not row_step.flags.writeable:
         raise ValueError("row_step is read-only; it is updated in place and must be writable")
 

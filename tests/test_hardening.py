@@ -306,3 +306,73 @@ def test_sparse_load_state_dict_rejects_and_changes_nothing(make, exc, match, tm
     assert opt.state["exp_avg"] is m and opt.state["exp_avg_sq"] is v
     assert_bitwise([m, v, t], before)
     assert opt.state["step"] == 1
+
+
+# ------------------------------------ finding 4: alignment, count overflow
+
+def _unaligned(a):
+    """A copy of ``a`` whose data address is NOT a multiple of its itemsize."""
+    buf = np.zeros(a.nbytes + a.itemsize, np.uint8)
+    u = np.frombuffer(buf, a.dtype, count=a.size, offset=1).reshape(a.shape)
+    u[...] = a
+    assert not u.flags.aligned
+    return u
+
+
+@pytest.mark.parametrize("which", range(5))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unaligned_dense_buffers_rejected(which, dtype):
+    names = ["param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    b = _dense(dtype)
+    b[which] = _unaligned(b[which])
+    p, g, m, v, vm = b
+    _rejects(lambda: fa.adam_step(p, g, m, v, step=1, amsgrad=True, max_exp_avg_sq=vm),
+             b, ValueError, names[which] + " is not aligned")
+    b2 = _dense(dtype)
+    lists = [[x, y.copy()] for x, y in zip(b, b2)]
+    _rejects(lambda: F.adam(*lists[:4], steps=1, amsgrad=True, max_exp_avg_sqs=lists[4]),
+             b + b2, ValueError, rf"{names[which]}s\[0\] is not aligned")
+    _rejects(lambda: fa.grad_norm([b[which]]), b, ValueError, "not aligned") if which == 1 \
+        else None
+
+
+@pytest.mark.parametrize("which", [0, 2, 3, 4])
+def test_unaligned_sparse_buffers_rejected(which):
+    names = ["table", "indices", "grad_rows", "exp_avg", "exp_avg_sq"]
+    b = _sparse()
+    b[which] = _unaligned(b[which])
+    _rejects(lambda: fa.sparse_adam_step(*b, step=1), b, ValueError,
+             names[which] + " is not aligned")
+
+
+def test_unaligned_indices_are_copied_not_misread():
+    b = _sparse()
+    ref = copies(b)
+    b[1] = _unaligned(b[1])
+    fa.sparse_adam_step(*b, step=1)
+    fa.sparse_adam_step(*ref, step=1)
+    assert_bitwise([b[0], b[3], b[4]], [ref[0], ref[3], ref[4]])
+
+
+def test_unaligned_row_step_rejected():
+    b = _sparse()
+    rs = _unaligned(np.zeros(10, np.int64))
+    _rejects(lambda: fa.sparse_adam_step(*b, row_step=rs), b + [rs], ValueError,
+             "row_step is not aligned")
+
+
+@pytest.mark.parametrize("plan", [False, True])
+def test_row_step_at_int64_max_rejected(plan):
+    """row_step = 2**63-1: its increment would overflow (the row became NaN and
+    its count -2**63): rejected before any write, naming the row."""
+    b = _sparse()
+    rs = np.zeros(10, np.int64)
+    rs[int(b[1][-1])] = np.iinfo(np.int64).max
+    rs[int(b[1][0])] = np.iinfo(np.int64).max - 1  # fine: becomes INT64_MAX
+    fn = (lambda: F.plan_sparse_adam(*b, row_step=rs)) if plan else \
+        (lambda: fa.sparse_adam_step(*b, row_step=rs))
+    _rejects(fn, b + [rs], ValueError, r"row_step\[\d+\] = 9223372036854775807")
+    rs[int(b[1][-1])] = 0
+    fa.sparse_adam_step(*b, row_step=rs)
+    assert rs[int(b[1][0])] == np.iinfo(np.int64).max
+    assert np.isfinite(b[0]).all()

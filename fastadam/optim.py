@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import numpy.typing as npt
 
-from . import _plan, _threads
+from . import _plan, _runtime, _threads
 from . import functional as F
 from ._validate import (
     check_bool,
@@ -181,8 +181,10 @@ class Adam:
                     if ams else None,
                     maximize=group["maximize"], grad_scale=grad_scale,
                     n_threads=self.n_threads, labels=labels)
-                plans.append((plan, pairs, sts, steps))
-            for plan, pairs, sts, steps in plans:
+                plans.append((plan, pairs, sts, steps, labels))
+            if len(plans) > 1:
+                _no_cross_group_alias(plans)
+            for plan, pairs, sts, steps, _ in plans:
                 F.run(plan)
                 for (p, _), st, s in zip(pairs, sts, steps):
                     st["step"] = s
@@ -299,6 +301,32 @@ class Adam:
     def __setstate__(self, d):
         self.__dict__.update(d)
         self._lock = threading.RLock()
+
+
+def _no_cross_group_alias(plans):
+    """Each group's plan checked its own buffers; this checks all groups'
+    together: no output (param or state) may share memory with any other
+    buffer of the step (e.g. an array in one group and a view of it in
+    another would be updated twice)."""
+    arrays, names, out = [], [], []
+    for _, pairs, sts, _, labels in plans:
+        for (p, g), st, lab in zip(pairs, sts, labels):
+            arrays += [p, g]
+            names += [f"params[{lab}]", f"grads[{lab}]"]
+            out += [1, 0]
+            for k in _STATE_KEYS:
+                if k in st:
+                    arrays.append(st[k])
+                    names.append(f"the {k} of params[{lab}]")
+                    out.append(1)
+    ptrs = np.empty(len(arrays), np.int64)
+    _runtime.addresses(arrays, ptrs)
+    nbytes = np.fromiter((a.nbytes for a in arrays), np.int64, len(arrays))
+    hit = _runtime.first_conflict(ptrs, nbytes, np.array(out, np.int8))
+    if hit is not None:
+        i, j = hit
+        raise ValueError(f"{names[i]} and {names[j]} share memory (in different param "
+                         "groups); outputs must not alias each other or any gradient")
 
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")

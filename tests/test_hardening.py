@@ -376,3 +376,44 @@ def test_row_step_at_int64_max_rejected(plan):
     fa.sparse_adam_step(*b, row_step=rs)
     assert rs[int(b[1][0])] == np.iinfo(np.int64).max
     assert np.isfinite(b[0]).all()
+
+
+# ------------------------------------------- finding 5: aliasing in Adam
+
+@pytest.mark.parametrize("case", ["view-in-other-group", "same-base-overlap",
+                                  "grad-is-other-groups-param", "state-aliases"])
+def test_aliasing_across_param_groups_rejected(case):
+    a = np.zeros(20, np.float32)
+    other = np.zeros(8, np.float32)
+    if case == "view-in-other-group":
+        groups = [{"params": [a]}, {"params": [a[5:10]], "lr": 0.1}]
+        grads = [np.ones(20, np.float32), np.ones(5, np.float32)]
+    elif case == "same-base-overlap":
+        groups = [{"params": [a[:12], other]}, {"params": [a[10:]]}]
+        grads = [np.ones(12, np.float32), np.ones(8, np.float32), np.ones(10, np.float32)]
+    elif case == "grad-is-other-groups-param":
+        groups = [{"params": [a]}, {"params": [other]}]
+        grads = [np.ones(20, np.float32), a[:8]]
+    else:
+        groups = [{"params": [a]}, {"params": [other]}]
+        grads = [np.ones(20, np.float32), np.ones(8, np.float32)]
+    opt = fa.Adam(groups)
+    if case == "state-aliases":
+        opt.step(grads)
+        opt.state[id(other)]["exp_avg"] = opt.state[id(a)]["exp_avg_sq"][:8]
+    snap = _snapshot(opt)
+    before = copies([a, other] + grads)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step(grads)
+    assert_bitwise([a, other] + grads, before)
+    _assert_same(opt, snap)
+
+
+def test_overlapping_views_in_one_group_rejected():
+    a = np.zeros(30, np.float32)
+    ps = [a[0:10], a[20:30], a[8:12]]          # disjoint pair with a gap, then an overlap
+    opt = fa.Adam(ps)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[2\] share memory"):
+        opt.step([np.ones_like(p) for p in ps])
+    assert not a.any()
+    fa.Adam([a[0:10], a[20:30]]).step([np.ones(10, np.float32)] * 2)   # gaps are fine

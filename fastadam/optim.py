@@ -68,6 +68,11 @@ class Adam:
 
     Notes
     -----
+    Thread safety: :meth:`step` and :meth:`load_state_dict` hold a
+    per-optimizer lock, so Python threads sharing one optimizer serialise
+    (no lost steps); different optimizers step concurrently (the kernels
+    release the GIL).
+
     Per parameter and step t (see :func:`fastadam.adam_step`)::
 
         m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
@@ -465,6 +470,9 @@ class SparseAdam:
 
     Notes
     -----
+    Thread safety: :meth:`step` and :meth:`load_state_dict` hold a
+    per-optimizer lock (threads sharing one optimizer serialise).
+
     With all extensions off the state dict is exactly torch's::
 
         {'state': {0: {'step': int, 'exp_avg': ..., 'exp_avg_sq': ...}},

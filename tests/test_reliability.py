@@ -122,3 +122,98 @@ def test_default_threads_follow_affinity_and_omp_num_threads():
     """)
     nt, extra = map(int, out.split())
     assert nt <= n and extra <= n - 1
+
+
+# ----------------------------------------------------------- concurrency
+
+def _two_threads(fn_a, fn_b):
+    import threading
+    errors = []
+
+    def wrap(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+        return run
+    ts = [threading.Thread(target=wrap(f)) for f in (fn_a, fn_b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not any(t.is_alive() for t in ts), "a thread hung"
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sparse"])
+def test_two_threads_share_one_optimizer(kind):
+    """200 steps from each of two threads on one optimizer: 400 steps, and the
+    result of 400 sequential steps (the same gradient every step)."""
+    import numpy as np
+
+    import fastadam as fa
+    rng = np.random.default_rng(0)
+
+    def make():
+        if kind == "sparse":
+            t = np.zeros((50, 8), np.float32)
+            return [t], fa.SparseAdam(t, lr=0.01)
+        ps = [np.zeros(300, np.float32), np.zeros((4, 5))]
+        cls = fa.Adam if kind == "adam" else fa.AdamW
+        return ps, cls(ps, lr=0.01)
+
+    ids = rng.integers(0, 50, 30)
+    gr = rng.standard_normal((30, 8)).astype(np.float32)
+    gs = [rng.standard_normal(300).astype(np.float32), rng.standard_normal((4, 5))]
+
+    def step(opt):
+        if kind == "sparse":
+            opt.step(ids, gr)
+        else:
+            opt.step(gs)
+
+    ps, opt = make()
+    _two_threads(*[lambda: [step(opt) for _ in range(200)]] * 2)
+    ref_ps, ref = make()
+    for _ in range(400):
+        step(ref)
+    sd = opt.state_dict()["state"]
+    assert all(st["step"] == 400 for st in sd.values())
+    for a, b in zip(ps, ref_ps):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_two_threads_two_optimizers_concurrently():
+    """Different optimizers step concurrently with the results of stepping
+    alone, and the GIL is released in the kernels: a third Python thread
+    keeps running meanwhile (as tests/test_runtime.py's GIL test)."""
+    import threading
+
+    import numpy as np
+
+    import fastadam as fa
+    n = 1 << 22
+    g = np.full(n, 0.5, np.float32)
+    pa, pb, ra, rb = (np.zeros(n, np.float32) for _ in range(4))
+    oa, ob = fa.Adam([pa], lr=0.1, n_threads=1), fa.AdamW([pb], lr=0.1, n_threads=1)
+    ref_a, ref_b = fa.Adam([ra], lr=0.1, n_threads=1), fa.AdamW([rb], lr=0.1, n_threads=1)
+    for _ in range(5):
+        ref_a.step([g])
+        ref_b.step([g])
+    counter = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            counter[0] += 1
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        _two_threads(lambda: [oa.step([g]) for _ in range(5)],
+                     lambda: [ob.step([g]) for _ in range(5)])
+    finally:
+        stop.set()
+        spinner.join()
+    assert pa.tobytes() == ra.tobytes() and pb.tobytes() == rb.tobytes()
+    assert counter[0] > 1000, counter

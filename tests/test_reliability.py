@@ -217,3 +217,35 @@ def test_two_threads_two_optimizers_concurrently():
         spinner.join()
     assert pa.tobytes() == ra.tobytes() and pb.tobytes() == rb.tobytes()
     assert counter[0] > 1000, counter
+
+
+# ----------------------------------------------------- sparse workspace
+
+def test_sparse_workspace_is_bounded():
+    """10M ids at 64 threads asked for ~58 GB (a full-batch table per
+    partition); now the partitions are capped by what the batch needs and
+    by SPARSE_WS_MAX_BYTES (256 MiB; one partition always allowed)."""
+    from fastadam import _plan
+    k = _plan.KERNELS.module
+    n, nbytes = k.sparse_parts(64, 10_000_000, 64, 1 << 30)
+    assert n >= 1 and (nbytes <= 256 << 20 or n == 1)
+    one = k.sparse_parts(1, 10_000_000, 64, 1 << 30)[1]
+    assert nbytes <= max(256 << 20, one)
+    assert k.sparse_parts(64, 100, 128, 1000)[0] == 1          # 12,800 elements: one part
+    assert k.sparse_parts(64, 1000, 64, 1000)[0] == 7          # 64,000 // 8192
+    assert k.sparse_parts(2, 100_000, 64, 10**6)[0] == 2
+
+
+def test_sparse_big_workspace_not_cached():
+    import numpy as np
+
+    import fastadam as fa
+    from fastadam import _plan
+    k = _plan.KERNELS.module
+    t = np.zeros((1000, 1), np.float32)
+    ids = np.zeros(1_000_000, np.int64)                 # ~100 MB of workspace
+    g = np.ones((ids.size, 1), np.float32)
+    fa.sparse_adam_step(t, ids, g, np.zeros_like(t), np.zeros_like(t), step=1, n_threads=1)
+    assert k.sparse_workspace_cached() <= 64 << 20
+    fa.sparse_adam_step(t, ids[:100], g[:100], np.zeros_like(t), np.zeros_like(t), step=1)
+    assert 0 < k.sparse_workspace_cached() <= 64 << 20   # small ones are still reused

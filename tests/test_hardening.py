@@ -417,3 +417,103 @@ def test_overlapping_views_in_one_group_rejected():
         opt.step([np.ones_like(p) for p in ps])
     assert not a.any()
     fa.Adam([a[0:10], a[20:30]]).step([np.ones(10, np.float32)] * 2)   # gaps are fine
+
+
+# ------------------------------------------------ finding 9: non-finite
+
+def _poison(a, rng, k=3):
+    a = a.copy()
+    flat = a.reshape(-1)
+    for val in (np.nan, np.inf, -np.inf)[:k]:
+        flat[rng.integers(0, flat.size)] = val
+    return a
+
+
+def _same_nonfinite(actual, expected, dtype, bitwise):
+    for a, e in zip(actual, expected):
+        if bitwise:
+            # NaN payloads may differ between numpy and the kernels: compare classes there
+            nan = np.isnan(e)
+            assert np.array_equal(np.isnan(a), nan)
+            assert_bitwise([np.where(nan, 0, a)], [np.where(nan, 0, e)])
+        else:
+            assert np.array_equal(np.isnan(a), np.isnan(e))
+            assert np.array_equal(np.isposinf(a), np.isposinf(e))
+            assert np.array_equal(np.isneginf(a), np.isneginf(e))
+            fin = np.isfinite(e)
+            from conftest import assert_close
+            assert_close([np.where(fin, a, 0)], [np.where(fin, e, 0)], dtype)
+
+
+@pytest.mark.parametrize("where", ["grad", "param", "exp_avg", "exp_avg_sq"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_dense_propagates_like_the_reference(where, amsgrad, dtype, use_isa):
+    """NaN/inf in a gradient, param or state propagate (torch fused does the
+    same): the same elements become non-finite on every ISA module and
+    thread count as in the numpy reference; the others are unaffected."""
+    from conftest import importable_isas
+
+    from fastadam import _reference as R
+    rng = np.random.default_rng(3)
+    base = list(make_state(5000, dtype))
+    i = ["param", "grad", "exp_avg", "exp_avg_sq"].index(where)
+    base[i] = _poison(base[i], rng)
+    if where == "exp_avg_sq":
+        base[i] = np.abs(base[i])
+    ref = copies(base)
+    with np.errstate(all="ignore"):
+        R.adam(ref[0], ref[1], ref[2], ref[3], step=3, lr=0.01, weight_decay=0.1,
+               amsgrad=amsgrad, max_exp_avg_sq=ref[4])
+    results = []
+    for isa in importable_isas():
+        use_isa(isa)
+        for nt in (1, 2):
+            b = copies(base)
+            fa.adam_step(b[0], b[1], b[2], b[3], step=3, lr=0.01, weight_decay=0.1,
+                         amsgrad=amsgrad, max_exp_avg_sq=b[4], n_threads=nt)
+            _same_nonfinite(b[:4] + b[4:] * amsgrad, ref[:4] + ref[4:] * amsgrad, dtype, False)
+            results.append(b)
+    for b in results[1:]:
+        assert_bitwise(b, results[0], "ISA modules / thread counts differ")
+
+
+@pytest.mark.parametrize("where", ["grad_rows", "table", "exp_avg", "exp_avg_sq"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_sparse_matches_reference_bitwise(where, dtype, use_isa):
+    from conftest import importable_isas
+
+    from fastadam import _reference as R
+    rng = np.random.default_rng(4)
+    t, ids, g, m, v = _sparse(dtype, rows=50, dim=16, k=400)
+    v = np.abs(v) + 0.01
+    b = dict(table=t, grad_rows=g, exp_avg=m, exp_avg_sq=v)
+    b[where] = _poison(b[where], rng)
+    if where == "exp_avg_sq":
+        b[where] = np.abs(b[where])
+    base = [b["table"], ids, b["grad_rows"], b["exp_avg"], b["exp_avg_sq"]]
+    ref = copies(base)
+    with np.errstate(all="ignore"):
+        R.sparse_adam(*ref, step=2, lr=0.01)
+    for isa in importable_isas():
+        use_isa(isa)
+        for nt in (1, 2):
+            x = copies(base)
+            fa.sparse_adam_step(*x, step=2, lr=0.01, n_threads=nt)
+            _same_nonfinite([x[0], x[3], x[4]], [ref[0], ref[3], ref[4]], dtype, True)
+
+
+@pytest.mark.parametrize("val", [np.nan, np.inf, -np.inf, None])
+def test_grad_norm_non_finite_exactly_when_an_element_is(val):
+    rng = np.random.default_rng(5)
+    gs = [rng.standard_normal(n).astype(dt) for n, dt in ((100, np.float32), (70000, np.float64),
+                                                          (3, np.float32))]
+    if val is not None:
+        gs[1][12345] = val
+    for nt in (1, 2):
+        r = fa.grad_norm(gs, n_threads=nt)
+        assert np.isfinite(r) == (val is None)
+        if val is not None:
+            assert np.isnan(r) == np.isnan(val)
+    big = [np.full(10, 1e200)]           # squares overflow double, the norm does not
+    assert np.isfinite(fa.grad_norm(big))

@@ -31,6 +31,13 @@ def _torch_lanes(dtype, vector_bytes):
     return max(1, int(vector_bytes) // np.dtype(dtype).itemsize)
 
 
+def _vmax(vmax, v):
+    """amsgrad's running maximum as the kernels take it: ``v if v > vmax else
+    vmax`` -- a NaN ``v`` leaves ``vmax`` as it was, a NaN ``vmax`` stays NaN
+    (``np.maximum`` would propagate either; equal for all other values)."""
+    return np.where(v > vmax, v, vmax)
+
+
 def adam(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
          weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
          maximize=False, grad_scale=None, vector_bytes=None):
@@ -72,7 +79,7 @@ def adam(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
     v = np.where(tail, _fma(exp_avg_sq, fb2, (c2 * g) * g),          # scalar tail
                  _fma(c2 * g, g, exp_avg_sq * fb2))                   # vector loop
     if amsgrad:
-        u = np.maximum(max_exp_avg_sq, v)
+        u = _vmax(max_exp_avg_sq, v)
         max_exp_avg_sq[...] = u
     else:
         u = v
@@ -188,7 +195,7 @@ def sparse_adam(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr
     else:
         v = v + (g * g - v) * _fl(dt, 1.0 - b2)
     if amsgrad:
-        u = np.maximum(max_exp_avg_sq[ids], v)
+        u = _vmax(max_exp_avg_sq[ids], v)
         max_exp_avg_sq[ids] = u
     else:
         u = v

@@ -117,7 +117,7 @@ cdef inline bint _ok_float(cnp.ndarray a, int typenum, bint writable) noexcept:
         return False
     if not cnp.PyArray_ISNOTSWAPPED(a):
         return False
-    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
         return False
     if writable and not cnp.PyArray_ISWRITEABLE(a):
         return False
@@ -141,7 +141,7 @@ def sparse_scan(object table, object indices, object grad_rows, object exp_avg,
     the caller explains the problem with the Python checks.
 
     Fine: ndarrays; ``table`` native float32/float64, 2-D, C-contiguous and
-    writable; ``exp_avg``/``exp_avg_sq`` the same and of its shape;
+    writable and aligned (as every buffer here); ``exp_avg``/``exp_avg_sq`` the same and of its shape;
     ``grad_rows`` (len(indices), dim) of its dtype, C-contiguous; ``indices``
     native int32/int64, 1-D, C-contiguous; no two of them share memory.
     """
@@ -162,7 +162,8 @@ def sparse_scan(object table, object indices, object grad_rows, object exp_avg,
         return -1
     it = cnp.PyArray_TYPE(ix)
     if ((it != cnp.NPY_INT32 and it != cnp.NPY_INT64) or cnp.PyArray_NDIM(ix) != 1
-            or not cnp.PyArray_ISNOTSWAPPED(ix) or not cnp.PyArray_IS_C_CONTIGUOUS(ix)):
+            or not cnp.PyArray_ISNOTSWAPPED(ix) or not cnp.PyArray_IS_C_CONTIGUOUS(ix)
+            or not cnp.PyArray_ISALIGNED(ix)):
         return -1
     if (cnp.PyArray_NDIM(g) != 2 or cnp.PyArray_DIM(g, 0) != cnp.PyArray_DIM(ix, 0)
             or cnp.PyArray_DIM(g, 1) != cnp.PyArray_DIM(t, 1)):
@@ -180,7 +181,7 @@ def scan_lists(list params, list grads, list exp_avgs, list exp_avg_sqs, object 
     then explains that entry with the Python checks (``fastadam._validate``).
 
     An entry is fine when all its buffers are ndarrays of the param's dtype
-    (native float32/float64), C-contiguous, of the param's shape, and all but
+    (native float32/float64), aligned, C-contiguous, of the param's shape, and all but
     the grad writable.
     """
     cdef Py_ssize_t i, j, n = len(params)

@@ -6,8 +6,27 @@ called it, else the OpenMP runtime's ``omp_get_max_threads()`` (which follows
 than ``SERIAL_THRESHOLD`` elements run on one thread: waking the OpenMP team
 costs more than it saves there (threshold measured with ``python -m fastadam.bench
 --scenario threshold``).
+
+Bounds (results never depend on the thread count, only the speed does, so
+these clamp rather than reject):
+
+* **At most one thread per usable CPU**: every count -- explicit
+  ``n_threads``, ``set_num_threads`` and the OpenMP default -- is clamped to
+  :func:`max_threads`, the CPUs in the process's affinity mask
+  (``os.sched_getaffinity``, read at call time; ``os.cpu_count()`` where the
+  platform has no affinity mask). More threads than CPUs never speed up these
+  memory/compute-bound loops, and an unbounded count lets a typo start
+  thousands of OS threads (or make libgomp exit the process when thread
+  creation fails).
+* **Serial after fork**: GNU OpenMP's thread pool does not survive
+  ``fork()`` -- a child whose parent had started a team hangs in its first
+  parallel region. A child created by ``os.fork`` (``multiprocessing``'s
+  'fork' start method included) therefore runs every kernel on one thread
+  (:func:`forked` is True there). Use the 'spawn' or 'forkserver' start
+  methods for threaded steps in worker processes.
 """
 import operator
+import os
 from typing import Optional
 
 from . import _runtime
@@ -25,12 +44,43 @@ FP64_COST = 4
 SPARSE_SERIAL_THRESHOLD = 16384
 
 _user_threads: Optional[int] = None
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked() -> bool:
+    """True in a process created by ``fork()`` from one that imported fastadam:
+    every kernel runs serially there (GNU OpenMP's pool does not survive fork)."""
+    return _forked
+
+
+def max_threads() -> int:
+    """The most threads any call uses: the CPUs this process may run on
+    (its affinity mask), 1 in a forked child."""
+    if _forked:
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - no affinity API
+        return max(1, os.cpu_count() or 1)
 
 
 def check(n_threads: Optional[int], name: str = "n_threads") -> Optional[int]:
-    """Validate a thread count: an int >= 1, or None (resolve at call time)."""
+    """Validate a thread count: an int >= 1 (bools rejected), or None (resolve
+    at call time). Counts above :func:`max_threads` are accepted and clamped
+    when a call runs."""
     if n_threads is None or type(n_threads) is int and n_threads >= 1:
         return n_threads
+    if isinstance(n_threads, bool):
+        raise TypeError(f"{name} must be an int or None, got bool")
     try:
         n = operator.index(n_threads)
     except TypeError:
@@ -42,16 +92,21 @@ def check(n_threads: Optional[int], name: str = "n_threads") -> Optional[int]:
 
 
 def set_num_threads(n: Optional[int]) -> None:
-    """Set the default thread count for all fastadam calls (None: reset to OpenMP's)."""
+    """Set the default thread count for all fastadam calls (None: reset to OpenMP's).
+
+    Counts above the usable CPUs (:func:`max_threads`) are clamped when a
+    call runs."""
     global _user_threads
     _user_threads = check(n, "set_num_threads: n")
 
 
 def get_num_threads() -> int:
-    """Threads a call with ``n_threads=None`` uses (for inputs above the serial threshold)."""
-    if _user_threads is not None:
-        return _user_threads
-    return _runtime.omp_max_threads()
+    """Threads a call with ``n_threads=None`` uses (for inputs above the serial
+    threshold): ``set_num_threads``'s value, else OpenMP's default (which
+    follows ``OMP_NUM_THREADS``), at most :func:`max_threads`."""
+    n = _user_threads if _user_threads is not None else _runtime.omp_max_threads()
+    cap = max_threads()
+    return n if n <= cap else cap
 
 
 def resolve(n_threads: Optional[int], work: int, threshold: int = SERIAL_THRESHOLD) -> int:
@@ -59,7 +114,7 @@ def resolve(n_threads: Optional[int], work: int, threshold: int = SERIAL_THRESHO
 
     Each thread gets at least ``threshold`` elements, so small inputs run
     serially even when many threads are asked for (results do not depend on
-    the thread count, only the speed does).
+    the thread count, only the speed does). Never more than :func:`max_threads`.
     """
     if n_threads is None:
         if work < 2 * threshold:
@@ -68,4 +123,9 @@ def resolve(n_threads: Optional[int], work: int, threshold: int = SERIAL_THRESHO
     else:
         n = check(n_threads) or 1      # never None here: n_threads is not None
     cap = work // threshold
-    return n if n <= cap else (cap if cap > 1 else 1)
+    n = n if n <= cap else (cap if cap > 1 else 1)
+    if n > 1:
+        hw = max_threads()
+        if n > hw:
+            n = hw
+    return n

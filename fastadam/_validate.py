@@ -40,6 +40,10 @@ def check_buffer(name, a, *, writable=True):
         raise TypeError(f"{name} must have dtype {_DTYPE_LIST} (native byte order), "
                         f"got {a.dtype}")
     flags = a.flags
+    if not flags.aligned:
+        raise ValueError(f"{name} is not aligned: its data address {a.ctypes.data:#x} is not a "
+                         f"multiple of its itemsize {a.itemsize} (e.g. np.frombuffer with an "
+                         "odd offset); copy it into a fresh array")
     if not flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous, got strides {a.strides} "
                          f"for shape {a.shape}")
@@ -76,83 +80,137 @@ def id_out_of_range(indices, pos, n_rows):
 
 
 def negative_row_step(indices, pos, row_step):
-    """The ValueError for a negative per-row count of row ``indices[pos]``."""
+    """The ValueError for a per-row count of row ``indices[pos]`` that is
+    negative or would overflow int64 when incremented."""
     r = int(indices[pos])
-    return ValueError(f"row_step[{r}] = {int(row_step[r])} is negative (row id "
+    c = int(row_step[r])
+    if c >= 0:
+        return ValueError(f"row_step[{r}] = {c} (row id indices[{pos}]) cannot be incremented: "
+                          "per-row step counts must be >= 0 and < 2**63 - 1")
+    return ValueError(f"row_step[{r}] = {c} is negative (row id "
                       f"indices[{pos}]); per-row step counts must be >= 0")
 
 
+#: The largest step count: counts are int64 in the kernels (``row_step``) and
+#: in checkpoints; ``beta ** step`` is computed in double.
+MAX_STEP = 2**63 - 1
+
+
+def _not_a_number(x):
+    """Whether ``x`` is a bool or a string (numpy's included), which ``float()``
+    would accept but which are never meant as a number."""
+    if isinstance(x, (bool, np.bool_, str, bytes)):
+        return True
+    kind = getattr(getattr(x, "dtype", None), "kind", None)
+    return kind in ("b", "U", "S")
+
+
+def real(x, name, what="a real number"):
+    """``x`` as a float: a number, numpy scalar or 0-d array; bools and strings
+    raise TypeError, numbers too large for a double ValueError (both name ``name``)."""
+    if type(x) is float:
+        return x
+    if _not_a_number(x):
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__} {x!r:.40}")
+    try:
+        return float(x)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got {x!r:.40} (too large for "
+                         "a double)") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__}") from None
+
+
 def check_step(step, name="step"):
-    """Return ``step`` as an int >= 1 (ints, integral floats and 0-d arrays accepted)."""
+    """Return ``step`` as an int in ``[1, MAX_STEP]`` (ints, integral floats and 0-d
+    arrays accepted; bools and strings rejected)."""
     if type(step) is int:
         s = step
     else:
-        if isinstance(step, (bool, str, bytes)):
+        if _not_a_number(step):
             raise TypeError(f"{name} must be an integer >= 1, got {type(step).__name__}")
         try:
             s = operator.index(step)
         except TypeError:
-            try:
-                f = float(step)
-            except (TypeError, ValueError):
-                raise TypeError(f"{name} must be an integer >= 1, got "
-                                f"{type(step).__name__}") from None
+            f = real(step, name, "an integer >= 1")
             if not f.is_integer():
                 raise ValueError(f"{name} must be an integer >= 1, got {f}") from None
             s = int(f)
     if s < 1:
         raise ValueError(f"{name} must be >= 1 (the 1-based count of the update being "
                          f"applied), got {s}")
+    if s > MAX_STEP:
+        raise ValueError(f"{name} must be <= 2**63 - 1, got {s!r:.40}")
     return s
 
 
-def check_hyper(lr, betas, eps, weight_decay):
-    """Validate hyperparameters; return (lr, beta1, beta2, eps, wd) as floats."""
-    if isinstance(lr, (str, bytes)):
-        raise TypeError(f"lr must be a real number, got {type(lr).__name__}")
-    try:
-        lr = float(lr)
-    except (TypeError, ValueError):
-        raise TypeError(f"lr must be a real number, got {type(lr).__name__}") from None
-    if not (lr >= 0.0) or math.isinf(lr):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+def _nonneg(x, name):
+    v = real(x, name)
+    if not (v >= 0.0) or math.isinf(v):
+        raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    return v
+
+
+def check_betas(betas):
+    """``betas`` as two floats in [0, 1)."""
+    if isinstance(betas, (str, bytes)) or _not_a_number(betas):
+        raise TypeError(f"betas must be a pair of real numbers, got {betas!r:.40}")
     try:
         b1, b2 = betas
-        b1 = float(b1)
-        b2 = float(b2)
     except (TypeError, ValueError):
-        raise TypeError(f"betas must be a pair of real numbers, got {betas!r}") from None
+        raise TypeError(f"betas must be a pair of real numbers, got {betas!r:.40}") from None
+    b1 = real(b1, "betas[0]")
+    b2 = real(b2, "betas[1]")
     if not (0.0 <= b1 < 1.0):
         raise ValueError(f"betas[0] must be in [0, 1), got {b1}")
     if not (0.0 <= b2 < 1.0):
         raise ValueError(f"betas[1] must be in [0, 1), got {b2}")
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}") from None
-    if not (eps >= 0.0) or math.isinf(eps):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    try:
-        wd = float(weight_decay)
-    except (TypeError, ValueError):
-        raise TypeError("weight_decay must be a real number, got "
-                        f"{type(weight_decay).__name__}") from None
-    if not (wd >= 0.0) or math.isinf(wd):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {wd}")
+    return b1, b2
+
+
+def check_hyper(lr, betas, eps, weight_decay):
+    """Validate hyperparameters; return (lr, beta1, beta2, eps, wd) as floats.
+
+    Every value must be a real number (bools and strings are TypeErrors),
+    finite, and in range; messages name the argument."""
+    lr = _nonneg(lr, "lr")
+    b1, b2 = check_betas(betas)
+    eps = _nonneg(eps, "eps")
+    wd = _nonneg(weight_decay, "weight_decay")
     return lr, b1, b2, eps, wd
 
 
-def check_grad_scale(grad_scale):
-    """Return (scaled, value). ``None`` means no loss scaling."""
+def check_bool(x, name):
+    """A boolean option: ``bool`` or ``numpy.bool_`` (not a string, not 0/1)."""
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r:.40}")
+
+
+def check_grad_scale(grad_scale, dtype=None):
+    """Return (scaled, value). ``None`` means no loss scaling.
+
+    ``grad_scale`` must be a finite real > 0; with ``dtype`` (the param
+    dtype of a kernel call) it must stay so once rounded to the call's
+    compute dtype, and so must its reciprocal -- otherwise the division
+    would turn every gradient into 0, inf or NaN (float32: about
+    ``[2.9e-39, 3.4e38]``).
+    """
     if grad_scale is None:
         return False, 1.0
-    try:
-        scale = float(grad_scale)
-    except (TypeError, ValueError):
-        raise TypeError("grad_scale must be a real number or None, got "
-                        f"{type(grad_scale).__name__}") from None
+    scale = real(grad_scale, "grad_scale", "a real number or None")
     if not (scale > 0.0) or math.isinf(scale):
         raise ValueError(f"grad_scale must be a finite number > 0, got {scale}")
+    if dtype is not None:
+        ct = np.dtype(_interface.compute_dtype(np.dtype(dtype).name)).type
+        with np.errstate(all="ignore"):
+            r = ct(scale)
+            inv = ct(1) / r
+        if not (np.isfinite(r) and r > 0 and np.isfinite(inv) and inv > 0):
+            fi = np.finfo(ct)
+            raise ValueError(f"grad_scale = {scale} is out of range for {np.dtype(ct)} "
+                             f"arithmetic: it and 1/grad_scale must be finite and > 0 "
+                             f"there (about {1 / float(fi.max):.3g} to {float(fi.max):.3g})")
     return True, scale
 
 
@@ -163,13 +221,19 @@ def to_scalar(x):
 
 def check_state_step(value, name="step"):
     """A checkpoint's ``step`` (int, integral float, numpy scalar or 0-d
-    tensor) as an int >= 0 (0: state created, never stepped)."""
+    tensor) as an int in ``[0, MAX_STEP]`` (0: state created, never stepped)."""
     v = to_scalar(value)
+    if _not_a_number(v):
+        raise TypeError(f"{name} must be an integer >= 0, got {type(v).__name__}")
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if v == 0 and not isinstance(v, (bool, str, bytes)):
+    if type(v) is int and v == 0:
         return 0
-    return check_step(v, name)
+    try:
+        return check_step(v, name)
+    except ValueError as e:
+        raise ValueError(str(e).replace(">= 1 (the 1-based count of the update being "
+                                        "applied)", ">= 0")) from None
 
 
 def to_numpy(x):

@@ -20,6 +20,7 @@ from . import _plan, _runtime, _threads
 from ._validate import (
     F32,
     F64,
+    check_bool,
     check_buffer,
     check_grad_scale,
     check_hyper,
@@ -128,6 +129,7 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
     max_exp_avg_sq, step) -- list entries when called for a one-array list.
     """
     n_p, n_g, n_m, n_v, n_vm, n_step = names
+    _check_flags(decoupled_weight_decay, amsgrad, maximize)
     pdt = check_buffer(n_p, param)
     gdt = check_buffer(n_g, grad, writable=False)
     sdt = check_buffer(n_m, exp_avg)
@@ -152,7 +154,7 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
         no_overlap((n_p, n_m, n_v, n_vm, n_g), (param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad))
     step = check_step(step, n_step)
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
-    scaled, scale = check_grad_scale(grad_scale)
+    scaled, scale = check_grad_scale(grad_scale, pdt)
     nt = _threads.resolve(n_threads, param.size * (_threads.FP64_COST if pdt is F64 else 1))
     args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize,
                                    scale if scaled else None)
@@ -179,6 +181,16 @@ def adamw_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, 
               weight_decay=weight_decay, decoupled_weight_decay=True, amsgrad=amsgrad,
               max_exp_avg_sq=max_exp_avg_sq, maximize=maximize, grad_scale=grad_scale,
               n_threads=n_threads)
+
+
+def _check_flags(decoupled_weight_decay, amsgrad, maximize):
+    """The boolean options must be bools (``maximize="false"`` is an error)."""
+    if type(decoupled_weight_decay) is not bool:
+        check_bool(decoupled_weight_decay, "decoupled_weight_decay")
+    if type(amsgrad) is not bool:
+        check_bool(amsgrad, "amsgrad")
+    if type(maximize) is not bool:
+        check_bool(maximize, "maximize")
 
 
 def _as_list(name: str, x: Any, n: Optional[int] = None) -> list[Any]:
@@ -253,6 +265,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     ``i``; an optimizer passes each parameter's index among all its grads).
     """
     lab = (lambda i: i) if labels is None else labels.__getitem__
+    _check_flags(decoupled_weight_decay, amsgrad, maximize)
     params = _as_list("params", params)
     n = len(params)
     if n == 1 and type(grads) is list and type(exp_avgs) is list and len(grads) == 1 \
@@ -331,6 +344,8 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
         else:
             continue
         p_, sz, nss, bc2s = sel
+        if scaled:
+            check_grad_scale(scale, pdt)     # in the range of this call's arithmetic
         offsets = np.zeros(len(sz) + 1, dtype=np.int64)
         np.cumsum(sz, out=offsets[1:])
         nt = _threads.resolve(nt_arg, int(offsets[-1]) * (_threads.FP64_COST if pdt is F64 else 1))
@@ -562,7 +577,8 @@ def plan_sparse_adam(table: Array, indices: Array, grad_rows: Array, exp_avg: Ar
     if int(ids.min()) < 0 or int(ids.max()) >= n_rows:
         raise id_out_of_range(ids, int(np.flatnonzero((ids < 0) | (ids >= n_rows))[0]), n_rows)
     if rs is not None:
-        neg = np.flatnonzero(rs[ids] < 0)
+        c = rs[ids]
+        neg = np.flatnonzero((c < 0) | (c == np.iinfo(np.int64).max))
         if neg.size:
             raise negative_row_step(ids, int(neg[0]), rs)
     return plan
@@ -585,6 +601,7 @@ def _plan_sparse(table, indices, grad_rows, exp_avg, exp_avg_sq, step, lr, betas
     """Every check of :func:`sparse_adam_step` but the ids' range (the
     kernel's merge checks it before writing); returns the plan (empty for an
     empty batch)."""
+    _check_flags(decoupled_weight_decay, amsgrad, maximize)
     fast = -1
     if not amsgrad and row_step is None:
         # one native check of the usual call (elementwise, no extension); any
@@ -628,7 +645,8 @@ def _check_indices(indices, n_rows):
     if indices.ndim != 1:
         raise ValueError(f"indices must be 1-D (one row id per gradient row), got shape "
                          f"{indices.shape}")
-    if (dt == _I32 or dt == _I64) and dt.isnative and indices.flags.c_contiguous:
+    if (dt == _I32 or dt == _I64) and dt.isnative and indices.flags.c_contiguous \
+            and indices.flags.aligned:
         return indices
     if dt.kind == "u" and dt.itemsize == 8 and indices.size:
         big = np.flatnonzero(indices > np.iinfo(np.int64).max)
@@ -648,6 +666,9 @@ def check_row_step(row_step: Any, n_rows: int) -> None:
                          f"got {row_step.shape}")
     if not row_step.flags.c_contiguous:
         raise ValueError(f"row_step must be C-contiguous, got strides {row_step.strides}")
+    if not row_step.flags.aligned:
+        raise ValueError("row_step is not aligned: its data address is not a multiple of 8 "
+                         "(copy it into a fresh array)")
     if not row_step.flags.writeable:
         raise ValueError("row_step is read-only; it is updated in place and must be writable")
 

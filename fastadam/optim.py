@@ -12,15 +12,17 @@ embedding table. :mod:`fastadam.checkpoint` (``fastadam.save``/``load``)
 writes such a dict to a ``.npz`` file (no pickle); resuming from it is
 bit-identical. Every ``step`` plans all its kernel calls before running any.
 """
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
 
-from . import _plan, _threads
+from . import _plan, _runtime, _threads
 from . import functional as F
 from ._validate import (
+    check_bool,
     check_buffer,
     check_grad_scale,
     check_hyper,
@@ -74,6 +76,11 @@ class Adam:
     dict holds numpy arrays and int steps: ``fastadam.save``/``load`` it, or
     :func:`fastadam.torch.to_torch_state_dict` it for ``torch.optim``.
 
+    Thread safety: :meth:`step` and :meth:`load_state_dict` hold a
+    per-optimizer lock, so Python threads sharing one optimizer serialise
+    (no lost steps); different optimizers step concurrently (the kernels
+    release the GIL).
+
     Per parameter and step t (see :func:`fastadam.adam_step`)::
 
         m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g
@@ -106,10 +113,13 @@ class Adam:
         check_hyper(lr, betas, eps, weight_decay)
         _threads.check(n_threads)
         self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                             amsgrad=bool(amsgrad), maximize=bool(maximize), foreach=None,
+                             amsgrad=check_bool(amsgrad, "amsgrad"),
+                             maximize=check_bool(maximize, "maximize"), foreach=None,
                              capturable=False, differentiable=False, fused=True,
-                             decoupled_weight_decay=bool(decoupled_weight_decay))
+                             decoupled_weight_decay=check_bool(decoupled_weight_decay,
+                                                               "decoupled_weight_decay"))
         self.n_threads = n_threads
+        self._lock = threading.RLock()
         plist = list(params)
         if not plist:
             raise ValueError("optimizer got an empty parameter list")
@@ -153,42 +163,45 @@ class Adam:
         order); a ``None`` entry skips that parameter (as torch skips
         ``grad is None``). ``grad_scale`` divides every gradient (AMP).
         """
-        grads = list(grads)
-        nparams = sum(len(g["params"]) for g in self.param_groups)
-        if len(grads) != nparams:
-            raise ValueError(f"grads must have {nparams} entries (one per parameter), "
-                             f"got {len(grads)}")
-        check_grad_scale(grad_scale)
-        # Validate every group before writing anything: plan all, then run all.
-        plans = []
-        k = 0
-        for group in self.param_groups:
-            ps = group["params"]
-            base, k = k, k + len(ps)
-            group_grads = grads[base:k]
-            pairs = [(p, g) for p, g in zip(ps, group_grads) if g is not None]
-            labels = [base + i for i, g in enumerate(group_grads) if g is not None]
-            if not pairs:
-                continue
-            ams = group["amsgrad"]
-            sts = [self.state.get(id(p)) or self._init_state(p, ams) for p, _ in pairs]
-            steps = [st["step"] + 1 for st in sts]
-            plan = F.plan_adam(
-                [p for p, _ in pairs], [g for _, g in pairs],
-                [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
-                steps=steps, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=ams,
-                max_exp_avg_sqs=[self._vmax(st, p) for st, (p, _) in zip(sts, pairs)]
-                if ams else None,
-                maximize=group["maximize"], grad_scale=grad_scale,
-                n_threads=self.n_threads, labels=labels)
-            plans.append((plan, pairs, sts, steps))
-        for plan, pairs, sts, steps in plans:
-            F.run(plan)
-            for (p, _), st, s in zip(pairs, sts, steps):
-                st["step"] = s
-                self.state[id(p)] = st
+        with self._lock:
+            grads = list(grads)
+            nparams = sum(len(g["params"]) for g in self.param_groups)
+            if len(grads) != nparams:
+                raise ValueError(f"grads must have {nparams} entries (one per parameter), "
+                                 f"got {len(grads)}")
+            check_grad_scale(grad_scale)
+            # Validate every group before writing anything: plan all, then run all.
+            plans = []
+            k = 0
+            for group in self.param_groups:
+                ps = group["params"]
+                base, k = k, k + len(ps)
+                group_grads = grads[base:k]
+                pairs = [(p, g) for p, g in zip(ps, group_grads) if g is not None]
+                labels = [base + i for i, g in enumerate(group_grads) if g is not None]
+                if not pairs:
+                    continue
+                ams = group["amsgrad"]
+                sts = [self.state.get(id(p)) or self._init_state(p, ams) for p, _ in pairs]
+                steps = [st["step"] + 1 for st in sts]
+                plan = F.plan_adam(
+                    [p for p, _ in pairs], [g for _, g in pairs],
+                    [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
+                    steps=steps, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=ams,
+                    max_exp_avg_sqs=[self._vmax(st, p) for st, (p, _) in zip(sts, pairs)]
+                    if ams else None,
+                    maximize=group["maximize"], grad_scale=grad_scale,
+                    n_threads=self.n_threads, labels=labels)
+                plans.append((plan, pairs, sts, steps, labels))
+            if len(plans) > 1:
+                _no_cross_group_alias(plans)
+            for plan, pairs, sts, steps, _ in plans:
+                F.run(plan)
+                for (p, _), st, s in zip(pairs, sts, steps):
+                    st["step"] = s
+                    self.state[id(p)] = st
 
     @staticmethod
     def _vmax(st, p):
@@ -221,40 +234,204 @@ class Adam:
         """Load a state dict from :meth:`state_dict`, :func:`load` or
         ``torch.optim.Adam.state_dict()`` converted to numpy (tensors are
         accepted via ``numpy()``). Values are copied into fresh buffers.
+
+        Everything is validated before anything changes (a rejected dict
+        leaves the optimizer's groups and state bit-identical): the layout,
+        each group's hyperparameters (the checks of construction; options
+        must be bools), the parameter indices (together a permutation of
+        ``0..n-1`` matching the groups' sizes; state only for those), each
+        state's ``step`` (an integer >= 0) and the buffers the group's
+        options need (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` with
+        amsgrad), of the parameter's shape, real-valued and representable
+        in the state dtype (second moments >= 0 or NaN).
         """
-        groups = state_dict["param_groups"]
+        with self._lock:
+            updates, new_state = self._check_state_dict(state_dict)
+            for g, upd in zip(self.param_groups, updates):
+                g.update(upd)
+                if g["fused"] is None and not g["foreach"]:
+                    g["fused"] = True      # fastadam's arithmetic is torch fused's
+            self.state = new_state
+
+    def _check_state_dict(self, state_dict):
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict \
+                or "state" not in state_dict:
+            raise TypeError("state_dict must be a dict with 'state' and 'param_groups'")
+        groups, states = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(groups, (list, tuple)) or not isinstance(states, dict):
+            raise TypeError("state_dict['param_groups'] must be a list and "
+                            "state_dict['state'] a dict")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, optimizer has "
                              f"{len(self.param_groups)}")
         params = self._all_params()
-        for g, sg in zip(self.param_groups, groups):
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError("state_dict param group sizes do not match the optimizer's")
+        order: list[int] = []
+        updates = []
+        for gi, (g, sg) in enumerate(zip(self.param_groups, groups)):
+            if not isinstance(sg, dict) or "params" not in sg:
+                raise TypeError(f"state_dict param group {gi} must be a dict with 'params'")
+            idx = sg["params"]
+            if isinstance(idx, (str, bytes)) or not hasattr(idx, "__len__"):
+                raise TypeError(f"param group {gi} 'params' must be a list of indices")
+            if len(idx) != len(g["params"]):
+                raise ValueError("state_dict param group sizes do not match the optimizer's: "
+                                 f"group {gi} has {len(idx)} params, optimizer's "
+                                 f"{len(g['params'])}")
+            for i in idx:
+                if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                    raise TypeError(f"param group {gi} 'params' entries must be ints, got "
+                                    f"{type(i).__name__}")
+                order.append(int(i))
+            updates.append(_check_group(gi, g, sg))
+        if sorted(order) != list(range(len(params))):
+            raise ValueError(f"state_dict param indices {order} are not a permutation of "
+                             f"0..{len(params) - 1}")
+        keys: dict[int, Any] = {}
+        for key in states:
+            try:
+                ki = int(key) if not isinstance(key, (bool, np.bool_, float)) else None
+            except (TypeError, ValueError):
+                ki = None
+            if ki is None or not 0 <= ki < len(params) or ki in keys:
+                raise ValueError(f"state_dict state key {key!r} is not a parameter index "
+                                 f"(0..{len(params) - 1}), or is given twice")
+            keys[ki] = key
+        pos = 0
         new_state = {}
-        order = [i for sg in groups for i in sg["params"]]
-        for p, i in zip(params, order):
-            st = state_dict["state"].get(i, state_dict["state"].get(str(i)))
-            if st is None:
-                continue
-            ns = {}
-            for key, val in st.items():
-                if key == "step":
-                    ns["step"] = check_state_step(val, f"state {i} 'step'")
+        for g, upd in zip(self.param_groups, updates):
+            ams = upd.get("amsgrad", g["amsgrad"])
+            for p in g["params"]:
+                i = order[pos]
+                pos += 1
+                if i not in keys:
                     continue
-                arr = to_numpy(val)
-                if arr.shape != p.shape:
-                    raise ValueError(f"state {i} '{key}' has shape {arr.shape}, parameter has "
-                                     f"{p.shape}")
-                ns[key] = np.array(arr, dtype=p.dtype, order="C", copy=True)
-            new_state[id(p)] = ns
-        for g, sg in zip(self.param_groups, groups):
-            for k in _GROUP_KEYS:
-                if k in sg:
-                    g[k] = tuple(sg[k]) if k == "betas" else sg[k]
-            g["lr"] = _to_number(g["lr"])
-            if g["fused"] is None and not g["foreach"]:
-                g["fused"] = True      # fastadam's arithmetic is torch fused's
-        self.state = new_state
+                new_state[id(p)] = _check_param_state(f"state {i}", states[keys[i]], p, ams)
+        return updates, new_state
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.pop("_lock", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.RLock()
+
+
+def _no_cross_group_alias(plans):
+    """Each group's plan checked its own buffers; this checks all groups'
+    together: no output (param or state) may share memory with any other
+    buffer of the step (e.g. an array in one group and a view of it in
+    another would be updated twice)."""
+    arrays, names, out = [], [], []
+    for _, pairs, sts, _, labels in plans:
+        for (p, g), st, lab in zip(pairs, sts, labels):
+            arrays += [p, g]
+            names += [f"params[{lab}]", f"grads[{lab}]"]
+            out += [1, 0]
+            for k in _STATE_KEYS:
+                if k in st:
+                    arrays.append(st[k])
+                    names.append(f"the {k} of params[{lab}]")
+                    out.append(1)
+    ptrs = np.empty(len(arrays), np.int64)
+    _runtime.addresses(arrays, ptrs)
+    nbytes = np.fromiter((a.nbytes for a in arrays), np.int64, len(arrays))
+    hit = _runtime.first_conflict(ptrs, nbytes, np.array(out, np.int8))
+    if hit is not None:
+        i, j = hit
+        raise ValueError(f"{names[i]} and {names[j]} share memory (in different param "
+                         "groups); outputs must not alias each other or any gradient")
+
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_BOOL_KEYS = ("amsgrad", "maximize", "decoupled_weight_decay")
+_OPT_BOOL_KEYS = ("foreach", "capturable", "differentiable", "fused")
+
+
+def _check_group(gi, g, sg):
+    """A checkpoint's param group: the validated values to set on ``g``."""
+    upd: dict[str, Any] = {}
+    for k in _GROUP_KEYS:
+        if k not in sg:
+            continue
+        v = sg[k]
+        if k in _BOOL_KEYS:
+            v = check_bool(to_scalar(v), f"param group {gi} '{k}'")
+        elif k in _OPT_BOOL_KEYS:
+            if v is not None:
+                v = check_bool(to_scalar(v), f"param group {gi} '{k}'")
+        elif k == "betas":
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
+                raise TypeError(f"param group {gi} 'betas' must be a pair of real numbers, "
+                                f"got {v!r:.40}")
+            v = tuple(to_scalar(b) for b in v)
+        else:
+            v = to_scalar(v)
+        upd[k] = v
+    h = {k: upd.get(k, g[k]) for k in ("lr", "betas", "eps", "weight_decay")}
+    try:
+        check_hyper(h["lr"], h["betas"], h["eps"], h["weight_decay"])
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"param group {gi}: {e}") from None
+    if "lr" in upd:
+        upd["lr"] = _to_number(upd["lr"])
+    return upd
+
+
+def _check_param_state(name, st, p, amsgrad):
+    """A checkpoint's state of parameter ``p``: fresh, validated buffers."""
+    if not isinstance(st, dict):
+        raise TypeError(f"{name} must be a dict, got {type(st).__name__}")
+    unknown = [k for k in st if k != "step" and k not in _STATE_KEYS]
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown} (expected step, "
+                         f"{', '.join(_STATE_KEYS)})")
+    need = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+    for k in need:
+        if k not in st:
+            raise ValueError(f"{name} lacks '{k}', needed by the group's options")
+    ns: dict[str, Any] = {"step": check_state_step(st["step"], f"{name} 'step'")}
+    sdt = _plan.state_dtype(p.dtype)
+    for k in _STATE_KEYS:
+        if k in st:
+            ns[k] = _state_array(f"{name} '{k}'", st[k], p.shape, sdt,
+                                 nonneg=k != "exp_avg")
+    return ns
+
+
+def _state_array(name, val, shape, dtype, nonneg=False, copy=True):
+    """A checkpoint buffer as a C-contiguous array of ``dtype`` and ``shape``:
+    real-valued, no finite value overflowing the conversion, and (``nonneg``)
+    no negative value. ``copy=False`` may return ``val``'s own data."""
+    try:
+        arr = to_numpy(val)
+    except Exception as e:
+        raise TypeError(f"{name} is not convertible to a numpy array ({e})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers, got "
+                        f"{getattr(arr, 'dtype', type(arr).__name__)}")
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {arr.shape}, expected {tuple(shape)}")
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        with np.errstate(all="ignore"):
+            out = np.array(arr, dtype=dtype, order="C", copy=True if copy else None)
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > dtype.itemsize:
+            if np.count_nonzero(np.isinf(out)) != np.count_nonzero(np.isinf(arr)):
+                raise ValueError(f"{name} has values too large for {dtype}")
+        if nonneg and out.size and np.any(out < 0):    # NaN compares False: allowed
+            raise ValueError(f"{name} has negative values (a second moment is >= 0)")
+    else:
+        if arr.dtype.kind == "f":
+            raise TypeError(f"{name} must hold integers, got {arr.dtype}")
+        ii = np.iinfo(dtype)
+        if arr.size and (int(arr.min()) < max(ii.min, 0 if nonneg else ii.min)
+                         or int(arr.max()) > ii.max):
+            raise ValueError(f"{name} has values out of range (0 <= count <= {ii.max})"
+                             if nonneg else f"{name} has values out of range for {dtype}")
+        out = np.array(arr, dtype=dtype, order="C", copy=True if copy else None)
+    return out
 
 
 class AdamW(Adam):
@@ -303,6 +480,9 @@ class SparseAdam:
 
     Notes
     -----
+    Thread safety: :meth:`step` and :meth:`load_state_dict` hold a
+    per-optimizer lock (threads sharing one optimizer serialise).
+
     With all extensions off the state dict is exactly torch's::
 
         {'state': {0: {'step': int, 'exp_avg': ..., 'exp_avg_sq': ...}},
@@ -339,12 +519,16 @@ class SparseAdam:
             raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
         check_hyper(lr, betas, eps, weight_decay)
         _threads.check(n_threads)
+        self._lock = threading.RLock()
         self.table = table
         self.n_threads = n_threads
         group: dict[str, Any] = {"lr": lr, "betas": tuple(betas), "eps": eps,
-                                 "maximize": bool(maximize)}
-        ext = dict(weight_decay=weight_decay, decoupled_weight_decay=bool(decoupled_weight_decay),
-                   amsgrad=bool(amsgrad), rowwise=bool(rowwise), per_row_step=bool(per_row_step))
+                                 "maximize": check_bool(maximize, "maximize")}
+        ext = dict(weight_decay=weight_decay,
+                   decoupled_weight_decay=check_bool(decoupled_weight_decay,
+                                                     "decoupled_weight_decay"),
+                   amsgrad=check_bool(amsgrad, "amsgrad"), rowwise=check_bool(rowwise, "rowwise"),
+                   per_row_step=check_bool(per_row_step, "per_row_step"))
         group.update(ext)
         self.param_groups = [group]
         self.state = {}
@@ -401,18 +585,19 @@ class SparseAdam:
         does the same). Everything is validated before the state or the
         step counter change.
         """
-        g = self.param_groups[0]
-        st = self.state if self.state else self._new_state()
-        t = st["step"] + 1
-        F.sparse_adam_step(self.table, indices, grad_rows, st["exp_avg"], st["exp_avg_sq"],
-                         step=t, lr=g["lr"], betas=g["betas"], eps=g["eps"],
-                         weight_decay=g["weight_decay"],
-                         decoupled_weight_decay=g["decoupled_weight_decay"],
-                         amsgrad=g["amsgrad"], max_exp_avg_sq=st.get("max_exp_avg_sq"),
-                         maximize=g["maximize"], row_step=st.get("row_step"),
-                         n_threads=self.n_threads)
-        st["step"] = t
-        self.state = st
+        with self._lock:
+            g = self.param_groups[0]
+            st = self.state if self.state else self._new_state()
+            t = st["step"] + 1
+            F.sparse_adam_step(self.table, indices, grad_rows, st["exp_avg"], st["exp_avg_sq"],
+                             step=t, lr=g["lr"], betas=g["betas"], eps=g["eps"],
+                             weight_decay=g["weight_decay"],
+                             decoupled_weight_decay=g["decoupled_weight_decay"],
+                             amsgrad=g["amsgrad"], max_exp_avg_sq=st.get("max_exp_avg_sq"),
+                             maximize=g["maximize"], row_step=st.get("row_step"),
+                             n_threads=self.n_threads)
+            st["step"] = t
+            self.state = st
 
     def zero_grad(self) -> None:  # numpy grads are owned by the caller
         pass
@@ -435,60 +620,108 @@ class SparseAdam:
         Hyperparameters and options are taken from the dict (missing
         extension keys mean "off"); arrays are copied into fresh buffers
         unless this optimizer was given its own buffers (then copied into
-        them, e.g. into memmaps).
+        them, e.g. into memmaps). Everything -- hyperparameters, options
+        (bools), ``step``, the buffers the options need (shapes,
+        convertible values) -- is validated before anything is copied or
+        set: a rejected dict changes nothing.
         """
+        with self._lock:
+            new_group, ns = self._check_state_dict(state_dict)
+            if ns is None:
+                self.param_groups = [new_group]
+                self.state = {}
+                return
+            old_state = self.state
+            fresh = ns.pop("_fresh")
+            out = {"step": ns.pop("step")}
+            for key, arr in ns.items():
+                dst = old_state.get(key) if old_state else None
+                if (dst is not None and dst.shape == arr.shape and dst.dtype == arr.dtype
+                        and dst.flags.writeable and dst.flags.c_contiguous
+                        and not np.may_share_memory(dst, arr)):
+                    np.copyto(dst, arr)        # keep user buffers (memmaps); cannot fail
+                    out[key] = dst
+                else:
+                    out[key] = arr if fresh[key] else arr.copy()
+            self.param_groups = [new_group]
+            self.state = out
+
+    def _check_state_dict(self, state_dict):
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise TypeError("state_dict must be a dict with 'state' and 'param_groups'")
         groups = state_dict["param_groups"]
-        if len(groups) != 1 or len(groups[0].get("params", [0])) != 1:
+        if (not isinstance(groups, (list, tuple)) or len(groups) != 1
+                or not isinstance(groups[0], dict)
+                or len(groups[0].get("params", [0])) != 1):
             raise ValueError("a SparseAdam state dict must have one group with one param")
         sg = groups[0]
-        new_group = {"lr": to_scalar(sg["lr"]), "betas": tuple(to_scalar(b) for b in sg["betas"]),
-                     "eps": to_scalar(sg["eps"]), "maximize": bool(sg.get("maximize", False))}
+        for k in ("lr", "betas", "eps"):
+            if k not in sg:
+                raise ValueError(f"the state dict's param group lacks '{k}'")
+        betas = sg["betas"]
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__"):
+            raise TypeError(f"param group 'betas' must be a pair of real numbers, got "
+                            f"{betas!r:.40}")
+        new_group = {"lr": to_scalar(sg["lr"]), "betas": tuple(to_scalar(b) for b in betas),
+                     "eps": to_scalar(sg["eps"]),
+                     "maximize": check_bool(to_scalar(sg.get("maximize", False)),
+                                            "param group 'maximize'")}
         for k, d in self._EXT:
-            new_group[k] = type(d)(sg.get(k, d))
+            v = to_scalar(sg.get(k, d))
+            new_group[k] = check_bool(v, f"param group '{k}'") if type(d) is bool else v
         check_hyper(new_group["lr"], new_group["betas"], new_group["eps"],
                     new_group["weight_decay"])
+        states = state_dict.get("state", {})
+        if not isinstance(states, dict):
+            raise TypeError("state_dict['state'] must be a dict")
         pid = sg.get("params", [0])[0]
-        states = state_dict["state"]
         src = states.get(pid, states.get(str(pid))) if states else None
-        old_group, old_state = self.param_groups[0], self.state
-        self.param_groups = [new_group]
+        extra = [k for k in states if k not in (pid, str(pid))]
+        if extra:
+            raise ValueError(f"state_dict state keys {extra} do not match the group's "
+                             f"param {pid!r}")
         if src is None:
-            self.state = {}
-            return
-        try:
-            step = check_state_step(src.get("step", 0), "state 'step'")
-            need = ["exp_avg", "exp_avg_sq"]
-            if new_group["amsgrad"]:
-                need.append("max_exp_avg_sq")
-            if new_group["per_row_step"]:
-                need.append("row_step")
-            arrays = {}
-            for key in need:          # validate everything before copying anything
-                if key not in src:
-                    raise ValueError(f"state dict lacks '{key}' needed by the options")
-                arr = to_numpy(src[key])
-                want_shape = ((self.table.shape[0],) if key == "row_step"
-                              else self.table.shape if key == "exp_avg" else self._vshape())
-                if arr.shape != want_shape:
-                    raise ValueError(f"state '{key}' has shape {arr.shape}, expected "
-                                     f"{want_shape}")
-                arrays[key] = arr
-        except Exception:
-            self.param_groups = [old_group]
-            raise
-        ns = {"step": step}
-        for key, arr in arrays.items():
-            want_dt = (np.dtype(np.int64) if key == "row_step"
-                       else _plan.state_dtype(self.table.dtype, op="sparse_adam"))
-            dst = old_state.get(key) if old_state else None
-            if (dst is not None and dst.shape == arr.shape and dst.dtype == want_dt
-                    and dst.flags.writeable and dst.flags.c_contiguous
-                    and not np.may_share_memory(dst, arr)):
-                np.copyto(dst, arr, casting="unsafe")   # keep user buffers (memmaps)
-                ns[key] = dst
+            return new_group, None
+        if not isinstance(src, dict):
+            raise TypeError(f"state {pid!r} must be a dict, got {type(src).__name__}")
+        step = check_state_step(src.get("step", 0), "state 'step'")
+        need = ["exp_avg", "exp_avg_sq"]
+        if new_group["amsgrad"]:
+            need.append("max_exp_avg_sq")
+        if new_group["per_row_step"]:
+            need.append("row_step")
+        unknown = [k for k in src if k != "step" and k not in need]
+        if unknown:
+            raise ValueError(f"state dict has keys {unknown} that the options do not use")
+        n_rows = self.table.shape[0]
+        vshape = (n_rows,) if new_group["rowwise"] else self.table.shape
+        sdt = _plan.state_dtype(self.table.dtype, op="sparse_adam")
+        ns: dict[str, Any] = {"step": step}
+        fresh = {}
+        for key in need:          # validate (and convert) everything before copying anything
+            if key not in src:
+                raise ValueError(f"state dict lacks '{key}' needed by the options")
+            orig = src[key]
+            if key == "row_step":
+                ns[key] = _state_array("state 'row_step'", src[key], (n_rows,),
+                                       np.int64, nonneg=True, copy=False)
             else:
-                ns[key] = np.array(arr, dtype=want_dt, order="C", copy=True)
-        self.state = ns
+                ns[key] = _state_array(f"state '{key}'", src[key],
+                                       self.table.shape if key == "exp_avg" else vshape, sdt,
+                                       nonneg=key != "exp_avg", copy=False)
+            o = to_numpy(orig)
+            fresh[key] = ns[key] is not o and not np.may_share_memory(ns[key], o)
+        ns["_fresh"] = fresh
+        return new_group, ns
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.pop("_lock", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.RLock()
 
 
 def _to_number(x):

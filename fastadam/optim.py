@@ -148,6 +148,7 @@ class Adam:
             group.setdefault(k, v)
         group["betas"] = tuple(group["betas"])
         check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        _no_param_overlap(self._all_params() + ps)
         self.param_groups.append(group)
 
     def _all_params(self):
@@ -316,6 +317,21 @@ class Adam:
     def __setstate__(self, d):
         self.__dict__.update(d)
         self._lock = threading.RLock()
+
+
+def _no_param_overlap(params):
+    """No two parameters (of any groups) may share memory: each would be
+    updated twice per step. ``params[i]`` is the i-th over all groups."""
+    if len(params) < 2:
+        return
+    ptrs = np.empty(len(params), np.int64)
+    _runtime.addresses(params, ptrs)
+    nbytes = np.fromiter((p.nbytes for p in params), np.int64, len(params))
+    hit = _runtime.first_conflict(ptrs, nbytes, np.ones(len(params), np.int8))
+    if hit is not None:
+        i, j = sorted(hit)
+        raise ValueError(f"params[{i}] and params[{j}] share memory (an array and a view of "
+                         "it?); each parameter must be its own memory, or it is updated twice")
 
 
 def _no_cross_group_alias(plans):

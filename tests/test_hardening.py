@@ -401,6 +401,11 @@ def test_aliasing_across_param_groups_rejected(case):
     else:
         groups = [{"params": [a]}, {"params": [other]}]
         grads = [np.ones(20, np.float32), np.ones(8, np.float32)]
+    if case in ("view-in-other-group", "same-base-overlap"):
+        with pytest.raises(ValueError, match="share memory"):   # caught at construction
+            fa.Adam(groups)
+        assert not a.any()
+        return
     opt = fa.Adam(groups)
     if case == "state-aliases":
         opt.step(grads)
@@ -416,7 +421,10 @@ def test_aliasing_across_param_groups_rejected(case):
 def test_overlapping_views_in_one_group_rejected():
     a = np.zeros(30, np.float32)
     ps = [a[0:10], a[20:30], a[8:12]]          # disjoint pair with a gap, then an overlap
-    opt = fa.Adam(ps)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[2\] share memory"):
+        fa.Adam(ps)
+    opt = fa.Adam(ps[:2])
+    opt.param_groups[0]["params"].append(ps[2])   # slipped past add_param_group: the step checks
     with pytest.raises(ValueError, match=r"params\[0\] and params\[2\] share memory"):
         opt.step([np.ones_like(p) for p in ps])
     assert not a.any()
@@ -521,3 +529,19 @@ def test_grad_norm_non_finite_exactly_when_an_element_is(val):
             assert np.isnan(r) == np.isnan(val)
     big = [np.full(10, 1e200)]           # squares overflow double, the norm does not
     assert np.isfinite(fa.grad_norm(big))
+
+
+def test_add_param_group_rejects_a_view_of_an_existing_parameter():
+    """An array in one group and a view of it in another is caught when the
+    group is added (not only at the next step), and nothing is added."""
+    w = np.zeros(16, np.float32)
+    opt = fa.Adam([w])
+    for view in (w[4:12], w.reshape(4, 4)[1]):
+        with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+            opt.add_param_group({"params": [view]})
+        assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[3\] share memory"):
+        opt.add_param_group({"params": [np.zeros(4), w[2:6].copy(), w[:3]]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [np.zeros(4)]})        # disjoint memory is fine
+    assert len(opt.param_groups) == 2

@@ -122,11 +122,13 @@ def adam_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, s
 
 def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
                  decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize, grad_scale,
-                 n_threads, names=_SINGLE_NAMES):
+                 n_threads, names=_SINGLE_NAMES, op="adam"):
     """Validate one buffer's step; return its plan without running it.
 
     ``names``: what messages call (param, grad, exp_avg, exp_avg_sq,
     max_exp_avg_sq, step) -- list entries when called for a one-array list.
+    ``op``: the kernel-table op (a variant with Adam's buffers reuses all of
+    this validation).
     """
     n_p, n_g, n_m, n_v, n_vm, n_step = names
     _check_flags(decoupled_weight_decay, amsgrad, maximize)
@@ -134,7 +136,7 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
     gdt = check_buffer(n_g, grad, writable=False)
     sdt = check_buffer(n_m, exp_avg)
     same_dtype(n_v, check_buffer(n_v, exp_avg_sq), n_m, sdt)
-    kernel = _kernels().get("adam", pdt, gdt, sdt, (n_p, n_g, n_m))
+    kernel = _kernels().get(op, pdt, gdt, sdt, (n_p, n_g, n_m))
     shape = param.shape
     if grad.shape != shape:
         same_shape(n_g, grad, n_p, param)
@@ -256,7 +258,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
               decoupled_weight_decay: bool = False, amsgrad: bool = False,
               max_exp_avg_sqs: Optional[Sequence[Array]] = None, maximize: bool = False,
               grad_scale: Optional[Real] = None, n_threads: Optional[int] = None,
-              labels: Optional[Sequence[int]] = None) -> Plan:
+              labels: Optional[Sequence[int]] = None, _op: str = "adam") -> Plan:
     """Validate everything for :func:`adam` and return its plan -- one native
     call per dtype combination -- without running it (see :func:`run`).
 
@@ -278,7 +280,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
                             eps, weight_decay, decoupled_weight_decay, amsgrad,
                             max_exp_avg_sqs[0] if amsgrad and max_exp_avg_sqs else None,
                             maximize, grad_scale,
-                            n_threads, names)
+                            n_threads, names, op=_op)
     grads = _as_list("grads", grads, n)
     exp_avgs = _as_list("exp_avgs", exp_avgs, n)
     exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs, n)
@@ -305,7 +307,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     if bad >= 0:
         # not the homogeneous fast case: check every entry in Python (this
         # raises the precise error, or accepts a mixed-dtype combination)
-        keys = _scan_entries(lists, ptrs, sizes, key_of, lab)
+        keys = _scan_entries(lists, ptrs, sizes, key_of, lab, _op)
     nl = len(lists)
     span = np.empty((nl, n), dtype=np.int64)      # bytes of every buffer
     if bad < 0:
@@ -349,14 +351,14 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
         offsets = np.zeros(len(sz) + 1, dtype=np.int64)
         np.cumsum(sz, out=offsets[1:])
         nt = _threads.resolve(nt_arg, int(offsets[-1]) * (_threads.FP64_COST if pdt is F64 else 1))
-        kernel = _kernels().get("adam_multi", pdt, gdt, sdt)
+        kernel = _kernels().get(f"{_op}_multi", pdt, gdt, sdt)
         plan.append((kernel, (p_[0], p_[1], p_[2], p_[3],
                               p_[4] if vmaxs is not None else _EMPTY_I64, offsets, nss, bc2s,
                               _plan.with_step(args, 0.0, 1.0), flags, nt)))
     return plan
 
 
-def _scan_entries(lists, ptrs, sizes, key_of, lab):
+def _scan_entries(lists, ptrs, sizes, key_of, lab, op="adam"):
     """The Python check of every list entry (what the native scan does for
     the homogeneous combinations, for any combination the kernel table has):
     fills ``ptrs``, ``sizes``, ``key_of`` and returns the list of keys."""
@@ -370,7 +372,7 @@ def _scan_entries(lists, ptrs, sizes, key_of, lab):
         sdt = check_buffer(names[2], lists[2][i])
         for j in range(3, len(lists)):
             same_dtype(names[j], check_buffer(names[j], lists[j][i]), names[2], sdt)
-        _kernels().get("adam_multi", pdt, gdt, sdt, names[:3])
+        _kernels().get(f"{op}_multi", pdt, gdt, sdt, names[:3])
         for j in range(1, len(lists)):
             same_shape(names[j], lists[j][i], names[0], p)
         key = (pdt, gdt, sdt)

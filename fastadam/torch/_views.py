@@ -26,6 +26,24 @@ Views = namedtuple("Views", "m v vmax data_ptr stride dtype step p_np m_np v_np 
 SViews = namedtuple("SViews", "m v data_ptr dtype shape table_np m_np v_np")
 
 
+
+def check_torch_hyper(lr, betas, eps, weight_decay=None, *, strict=False):
+    """torch.optim's constructor checks, with torch's messages: ``Adam``/``AdamW``
+    (lr, eps, weight_decay >= 0) or, with ``strict``, ``SparseAdam`` (lr, eps > 0;
+    no weight_decay). fastadam's own checks (``_validate.check_hyper``) follow."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not (0.0 < lr if strict else 0.0 <= lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not (0.0 < eps if strict else 0.0 <= eps):
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if weight_decay is not None and not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
 def scalar_dtype():
     """dtype of a new ``step`` tensor (torch's: float32 unless the default is float64)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

@@ -55,7 +55,24 @@ def new_state(shape: tuple[int, ...], dtype: npt.DTypeLike, amsgrad: bool = Fals
     return st
 
 
-class Adam:
+class _Locked:
+    """A per-optimizer lock around ``step`` and ``load_state_dict`` (threads
+    sharing one optimizer serialise); pickle and deepcopy drop the lock and
+    the copy gets its own."""
+
+    _lock: threading.RLock
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.pop("_lock", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.RLock()
+
+
+class Adam(_Locked):
     """Adam over numpy arrays, stepped in place, one native call per param group.
 
     Parameters
@@ -309,15 +326,6 @@ class Adam:
                 new_state[id(p)] = _check_param_state(f"state {i}", states[keys[i]], p, ams)
         return updates, new_state
 
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d.pop("_lock", None)
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._lock = threading.RLock()
-
 
 def _no_param_overlap(params):
     """No two parameters (of any groups) may share memory: each would be
@@ -466,7 +474,7 @@ class AdamW(Adam):
     _decoupled = True
 
 
-class SparseAdam:
+class SparseAdam(_Locked):
     """Sparse ("lazy") Adam for one embedding table, stepped in place.
 
     A numpy counterpart of ``torch.optim.SparseAdam`` for one table: state
@@ -729,15 +737,6 @@ class SparseAdam:
             fresh[key] = ns[key] is not o and not np.may_share_memory(ns[key], o)
         ns["_fresh"] = fresh
         return new_group, ns
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d.pop("_lock", None)
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self._lock = threading.RLock()
 
 
 def _to_number(x):

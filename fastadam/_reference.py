@@ -179,12 +179,12 @@ def sparse_adam(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr
     if row_step is not None:
         t = row_step[ids] + 1
         row_step[ids] = t
-        nss = np.array([-(lr * math.sqrt(1.0 - b2 ** float(s)) / (1.0 - b1 ** float(s)))
+        neg_step_size = np.array([-(lr * math.sqrt(1.0 - b2 ** float(s)) / (1.0 - b1 ** float(s)))
                         for s in t]).astype(dt)[:, None]
     else:
         bc1 = 1.0 - b1 ** step
         bc2 = 1.0 - b2 ** step
-        nss = _fl(dt, -(lr * math.sqrt(bc2) / bc1))
+        neg_step_size = _fl(dt, -(lr * math.sqrt(bc2) / bc1))
     if decoupled_weight_decay:
         p = p * _fl(dt, 1.0 - lr * weight_decay)
     elif weight_decay != 0.0:
@@ -202,7 +202,7 @@ def sparse_adam(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr
     denom = np.sqrt(u) + _fl(dt, eps)
     if rowwise:
         denom = denom[:, None]
-    p = p + nss * (m / denom)
+    p = p + neg_step_size * (m / denom)
     table[ids] = p
     exp_avg[ids] = m
     exp_avg_sq[ids] = v

@@ -328,10 +328,10 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
                                    scale if scaled else None)
     if len(set(step_list)) == 1:
         s0 = _plan.dense_step_scalars(step_list[0], lr, b1, b2)
-        nss_all, bc2s_all = np.full(n, s0[0]), np.full(n, s0[1])
+        neg_step_all, bc2s_all = np.full(n, s0[0]), np.full(n, s0[1])
     else:
         scal = {s: _plan.dense_step_scalars(s, lr, b1, b2) for s in set(step_list)}
-        nss_all = np.array([scal[s][0] for s in step_list])
+        neg_step_all = np.array([scal[s][0] for s in step_list])
         bc2s_all = np.array([scal[s][1] for s in step_list])
     plan = []
     for ki, (pdt, gdt, sdt) in enumerate(keys):
@@ -339,13 +339,13 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
             break
         mask = key_of == ki
         if mask.all():
-            sel = ptrs, sizes, nss_all, bc2s_all
+            sel = ptrs, sizes, neg_step_all, bc2s_all
         elif mask.any():
-            sel = (np.ascontiguousarray(ptrs[:, mask]), sizes[mask], nss_all[mask],
+            sel = (np.ascontiguousarray(ptrs[:, mask]), sizes[mask], neg_step_all[mask],
                    bc2s_all[mask])
         else:
             continue
-        p_, sz, nss, bc2s = sel
+        p_, sz, neg_steps, bc2s = sel
         if scaled:
             check_grad_scale(scale, pdt)     # in the range of this call's arithmetic
         offsets = np.zeros(len(sz) + 1, dtype=np.int64)
@@ -353,7 +353,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
         nt = _threads.resolve(nt_arg, int(offsets[-1]) * (_threads.FP64_COST if pdt is F64 else 1))
         kernel = _kernels().get(f"{_op}_multi", pdt, gdt, sdt)
         plan.append((kernel, (p_[0], p_[1], p_[2], p_[3],
-                              p_[4] if vmaxs is not None else _EMPTY_I64, offsets, nss, bc2s,
+                              p_[4] if vmaxs is not None else _EMPTY_I64, offsets, neg_steps, bc2s,
                               _plan.with_step(args, 0.0, 1.0), flags, nt)))
     return plan
 
@@ -630,8 +630,8 @@ def _plan_sparse(table, indices, grad_rows, exp_avg, exp_avg_sq, step, lr, betas
         return []
     args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize, None,
                                    rowwise=rowwise)
-    nss = 0.0 if step is None else _plan.sparse_neg_step_size(step, lr, b1, b2)
-    args = _plan.with_step(args, nss)
+    neg_step_size = 0.0 if step is None else _plan.sparse_neg_step_size(step, lr, b1, b2)
+    args = _plan.with_step(args, neg_step_size)
     return [(_run_sparse, (kernel, (table, indices, grad_rows, exp_avg, exp_avg_sq,
                                     max_exp_avg_sq, row_step, args, flags, nt)))]
 

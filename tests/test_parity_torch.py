@@ -4,16 +4,15 @@ torch is installed in CI (.ci/run pins torch==2.13.0): these tests run there.
 """
 import numpy as np
 import pytest
+from _options import TORCH
 from conftest import assert_bitwise, make_state
 
 import fastadam as fa
 
 torch = pytest.importorskip("torch")
 
-# (weight_decay, decoupled, amsgrad, maximize)
-OPTIONS = [(0.0, False, False, False), (0.1, False, False, False), (0.1, True, False, False),
-           (0.0, False, True, False), (0.0, False, False, True), (0.1, False, True, True),
-           (0.1, True, True, True)]
+# (weight_decay, decoupled, amsgrad, maximize) of the registry's torch option sets
+OPTIONS = [(o.weight_decay, o.decoupled, o.amsgrad, o.maximize) for o in TORCH]
 
 
 def _torch_opt(tp, opt, lr, **extra):

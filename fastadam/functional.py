@@ -51,8 +51,9 @@ _SCAN_KEYS = ((F32, F32, F32), (F64, F64, F64))
 
 
 def _kernels():
-    # looked up at call time, so that a test can run another ISA module's
-    # kernels through the same validation (tests/conftest.py: use_isa)
+    # the kernel table of the ISA module in use, read at call time: rebinding
+    # ``_plan.KERNELS`` to ``_plan.Kernels(module)`` runs another built module
+    # through the same validation and argument builder
     return _plan.KERNELS
 
 

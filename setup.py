@@ -20,6 +20,10 @@ explicitly where the semantics require it, so all ISA builds round the same).
 ``FASTADAM_MARCH=native`` adds an extra ``_kernels_native`` module;
 ``FASTADAM_ISAS=avx2`` (comma list) limits the modules built (baseline always);
 ``FASTADAM_NO_OPENMP=1`` forces a serial build;
+``FASTADAM_SANITIZE=1`` builds for AddressSanitizer + UndefinedBehaviorSanitizer
+(``-fsanitize=address,undefined -fno-sanitize-recover=undefined
+-fno-omit-frame-pointer -g -O1`` instead of ``-O3``, compile and link; a debugging
+build, never for use: see CONTRIBUTING.md, "Sanitizers", for how to run it);
 ``FASTADAM_BUILD_JOBS=N`` (or ``MAX_JOBS=N``) compiles N modules at once
 (default: setuptools' own, serial unless ``build_ext -j N`` is given).
 OpenMP is used when the compiler supports it, else the build is serial
@@ -43,6 +47,13 @@ PKG = os.path.join(HERE, "fastadam")
 
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 COMMON = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fno-strict-aliasing"]
+LINK = []
+SANITIZE = os.environ.get("FASTADAM_SANITIZE", "").strip() not in ("", "0")
+if SANITIZE:  # ASan + UBSan; any UB report aborts (no recovery)
+    _SAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+            "-fno-omit-frame-pointer"]
+    COMMON = ["-O1", "-g", "-fno-math-errno", "-ffp-contract=off", "-fno-strict-aliasing"] + _SAN
+    LINK = list(_SAN)
 ISA_FLAGS = {"baseline": []}
 if IS_X86:
     ISA_FLAGS["avx2"] = ["-mavx", "-mavx2", "-mfma"]
@@ -134,7 +145,8 @@ def _write_if_changed(path, text):
 render_templates()
 
 MACROS = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
-build_info = {"openmp": bool(OPENMP), "common_flags": COMMON, "isa_flags": ISA_FLAGS}
+build_info = {"openmp": bool(OPENMP), "common_flags": COMMON, "isa_flags": ISA_FLAGS,
+              "sanitize": SANITIZE}
 
 extensions = [
     Extension(
@@ -143,7 +155,7 @@ extensions = [
         include_dirs=[np.get_include()],
         define_macros=MACROS,
         extra_compile_args=COMMON + OPENMP,
-        extra_link_args=OPENMP,
+        extra_link_args=OPENMP + LINK,
     )
 ]
 for isa, flags in ISA_FLAGS.items():
@@ -154,7 +166,7 @@ for isa, flags in ISA_FLAGS.items():
             include_dirs=[np.get_include()],
             define_macros=MACROS,
             extra_compile_args=COMMON + OPENMP + flags,
-            extra_link_args=OPENMP,
+            extra_link_args=OPENMP + LINK,
         )
     )
 

@@ -655,7 +655,9 @@ def _check_indices(indices, n_rows):
         big = np.flatnonzero(indices > np.iinfo(np.int64).max)
         if big.size:
             raise id_out_of_range(indices, int(big[0]), n_rows)
-    return np.ascontiguousarray(indices, dtype=np.int64)
+    # np.array copies: np.ascontiguousarray would return an unaligned int64 array as it is
+    # (it only ensures C order), and the merge reads the ids as int64_t (UB when misaligned)
+    return np.array(indices, dtype=np.int64, order="C")
 
 
 def check_row_step(row_step: Any, n_rows: int) -> None:

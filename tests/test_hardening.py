@@ -358,6 +358,18 @@ def test_unaligned_indices_are_copied_not_misread():
     assert_bitwise([b[0], b[3], b[4]], [ref[0], ref[3], ref[4]])
 
 
+@pytest.mark.parametrize("idt", [np.int64, np.int32, np.uint64])
+def test_unaligned_indices_copy_is_aligned(idt):
+    """Found by the sanitizer job (scripts/sanitize.sh): an unaligned int64 ``indices``
+    was passed on as it was (np.ascontiguousarray keeps an unaligned C-contiguous array)
+    and the merge loaded misaligned int64_t (UBSan: 'load of misaligned address')."""
+    ids = _unaligned(np.array([3, 1, 4, 1, 5, 9], idt))
+    out = F._check_indices(ids, 10)
+    assert out.flags.aligned and out.flags.c_contiguous and out.dtype in (np.int32, np.int64)
+    assert out.ctypes.data % out.itemsize == 0
+    np.testing.assert_array_equal(out, ids)
+
+
 def test_unaligned_row_step_rejected():
     b = _sparse()
     rs = _unaligned(np.zeros(10, np.int64))

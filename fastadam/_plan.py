@@ -93,6 +93,12 @@ class Kernels:
         self.module = module
         self._by_key = {key: getattr(module, name) for key, name in _NAMES.items()}
         self._norm = {np.dtype(d): getattr(module, name) for d, name in I.NORM_KERNELS.items()}
+        # the homogeneous float32 (0) / float64 (1) combinations the native
+        # scans recognise, by (op, code): the fast path's lookup
+        homogeneous: tuple[np.dtype, np.dtype] = (np.dtype("float32"), np.dtype("float64"))
+        self._scanned = {(op, code): self._by_key[(op, dt, dt, dt)]
+                         for op in I.OPS for code, dt in enumerate(homogeneous)
+                         if (op, dt, dt, dt) in self._by_key}
 
     def get(self, op, param, grad, state, names=("param", "grad", "exp_avg")):
         """The kernel of ``op`` for these dtypes (``np.dtype``), or a TypeError.
@@ -113,6 +119,11 @@ class Kernels:
         raise TypeError(f"{culprit}: no kernel for the mixed combination {names[0]} {param}, "
                         f"{names[1]} {grad}, {names[2]} {state}; supported (param, grad, "
                         f"state): {have}")
+
+    def scanned(self, op, code):
+        """The kernel of ``op`` for a native scan's result ``code`` (0: all
+        float32, 1: all float64)."""
+        return self._scanned[(op, code)]
 
     def norm(self, grad):
         """The sum-of-squares kernel for gradients of dtype ``grad``."""

@@ -134,6 +134,41 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
+def dense_scan(object param, object grad, object exp_avg, object exp_avg_sq,
+               object max_exp_avg_sq):
+    """Fast path of the single-buffer validation (``functional._plan_single``):
+    0 (float32) or 1 (float64) when every buffer is fine, else -1 and the
+    caller explains the problem with the Python checks.
+
+    Fine: ndarrays of one native float32/float64 dtype and one shape,
+    C-contiguous and aligned, all but ``grad`` writable, ``max_exp_avg_sq``
+    None or like ``exp_avg_sq``, and no two of them sharing memory.
+    """
+    cdef cnp.ndarray p, g, m, v, vm
+    cdef int typenum
+    if not (cnp.PyArray_Check(param) and cnp.PyArray_Check(grad)
+            and cnp.PyArray_Check(exp_avg) and cnp.PyArray_Check(exp_avg_sq)):
+        return -1
+    p, g, m, v = <cnp.ndarray>param, <cnp.ndarray>grad, <cnp.ndarray>exp_avg, \
+        <cnp.ndarray>exp_avg_sq
+    typenum = cnp.PyArray_TYPE(p)
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        return -1
+    if not (_ok_float(p, typenum, True) and _ok_float(g, typenum, False)
+            and _ok_float(m, typenum, True) and _ok_float(v, typenum, True)
+            and _same_shape(g, p) and _same_shape(m, p) and _same_shape(v, p)):
+        return -1
+    if max_exp_avg_sq is not None:
+        if not cnp.PyArray_Check(max_exp_avg_sq):
+            return -1
+        vm = <cnp.ndarray>max_exp_avg_sq
+        if not (_ok_float(vm, typenum, True) and _same_shape(vm, p)):
+            return -1
+    if first_overlap((p, m, v, max_exp_avg_sq, g)) is not None:
+        return -1
+    return 1 if typenum == cnp.NPY_FLOAT64 else 0
+
+
 def sparse_scan(object table, object indices, object grad_rows, object exp_avg,
                 object exp_avg_sq):
     """Fast path of ``sparse_adam_step``'s validation (elementwise second

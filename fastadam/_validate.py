@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _interface, _runtime
 
+_INF = math.inf
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
 # every dtype some kernel takes, by identity (``dtype is``) and by equality
@@ -173,6 +174,15 @@ def check_hyper(lr, betas, eps, weight_decay):
 
     Every value must be a real number (bools and strings are TypeErrors),
     finite, and in range; messages name the argument."""
+    # fast path: plain Python floats (and ints for weight_decay) in range
+    # (bools are not: ``type(True) is bool``; NaN fails every comparison)
+    if type(lr) is float and type(eps) is float and type(betas) is tuple and len(betas) == 2:
+        b1, b2 = betas
+        wt = type(weight_decay)
+        if (type(b1) is float and type(b2) is float and (wt is float or wt is int)
+                and 0.0 <= lr < _INF and 0.0 <= eps < _INF and 0.0 <= weight_decay < _INF
+                and 0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            return lr, b1, b2, eps, float(weight_decay)
     lr = _nonneg(lr, "lr")
     b1, b2 = check_betas(betas)
     eps = _nonneg(eps, "eps")

@@ -133,6 +133,30 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
     """
     n_p, n_g, n_m, n_v, n_vm, n_step = names
     _check_flags(decoupled_weight_decay, amsgrad, maximize)
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError(f"amsgrad=True needs {n_vm} (a buffer like {n_v})")
+    if not amsgrad:
+        max_exp_avg_sq = None
+    fast = _runtime.dense_scan(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    if fast >= 0:      # the usual call, checked natively in one go
+        pdt = _SCAN_KEYS[fast][0]
+        kernel = _kernels().scanned(op, fast)
+    else:              # anything else: the Python checks word the error
+        pdt, kernel = _check_single(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, names, op)
+    step = check_step(step, n_step)
+    lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
+    scaled, scale = check_grad_scale(grad_scale, pdt)
+    nt = _threads.resolve(n_threads, param.size * (_threads.FP64_COST if pdt is F64 else 1))
+    args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize,
+                                   scale if scaled else None)
+    args = _plan.with_step(args, *_plan.dense_step_scalars(step, lr, b1, b2))
+    return [(kernel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, args, flags, nt))]
+
+
+def _check_single(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, names, op):
+    """The buffer checks of :func:`_plan_single`, each with its message;
+    returns ``(param dtype, kernel)``."""
+    n_p, n_g, n_m, n_v, n_vm, _ = names
     pdt = check_buffer(n_p, param)
     gdt = check_buffer(n_g, grad, writable=False)
     sdt = check_buffer(n_m, exp_avg)
@@ -145,24 +169,13 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
         same_shape(n_m, exp_avg, n_p, param)
     if exp_avg_sq.shape != shape:
         same_shape(n_v, exp_avg_sq, n_p, param)
-    if amsgrad:
-        if max_exp_avg_sq is None:
-            raise ValueError(f"amsgrad=True needs {n_vm} (a buffer like {n_v})")
+    if max_exp_avg_sq is not None:
         same_dtype(n_vm, check_buffer(n_vm, max_exp_avg_sq), n_m, sdt)
         if max_exp_avg_sq.shape != shape:
             same_shape(n_vm, max_exp_avg_sq, n_p, param)
-    else:
-        max_exp_avg_sq = None
     if _runtime.first_overlap((param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad)) is not None:
         no_overlap((n_p, n_m, n_v, n_vm, n_g), (param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad))
-    step = check_step(step, n_step)
-    lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
-    scaled, scale = check_grad_scale(grad_scale, pdt)
-    nt = _threads.resolve(n_threads, param.size * (_threads.FP64_COST if pdt is F64 else 1))
-    args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize,
-                                   scale if scaled else None)
-    args = _plan.with_step(args, *_plan.dense_step_scalars(step, lr, b1, b2))
-    return [(kernel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, args, flags, nt))]
+    return pdt, kernel
 
 
 def adamw_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, step: int,

@@ -40,6 +40,7 @@ examples:
   python -m fastadam.bench --scenario torch --torch-models gpt2-small,bert-base,148x16,1x2^24
   python -m fastadam.bench --scenario torch-sparse
   python -m fastadam.bench --scenario sparse --sparse-batches fixed,cycling --threads 1,2
+  python -m fastadam.bench --scenario soak          (on request only; --soak-steps 1e5,1e3)
 """
 
 
@@ -119,6 +120,10 @@ def build_parser():
     ap.add_argument("--sparse", type=parse_sparse, default=None, metavar="RxDxBxZ",
                     help="sparse workloads ROWSxDIMxBATCHxZIPF, comma separated "
                          "(Zipf 0 = uniform); default 1000000x64x16384x1.1")
+    ap.add_argument("--soak-steps", type=lambda s: tuple(parse_size(x) for x in _csv(s)),
+                    default=None, metavar="SMALL,LARGE",
+                    help="soak scenario: steps on small and on large arrays "
+                         "(default 10**5,10**3)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
     ap.add_argument("--target-ms", type=float, default=None,
                     help="length of one timed sample (calls are batched up to this)")
@@ -162,7 +167,7 @@ class Run:
             self.mixed = (20_000, 16, 64, 4)
             self.sparse_batches = ["fixed", "cycling"]
             self.isa_rounds = 1
-            default_scenarios = list(S.SCENARIOS)
+            default_scenarios = [s for s in S.SCENARIOS if s not in S.ON_REQUEST]
         elif args.quick:
             self.mode = "quick"
             sizes = [2**4, 2**8, 2**12, 2**16, 2**20, 2**23, 2**26]
@@ -180,7 +185,8 @@ class Run:
             self.mixed = (1_000_000, 64, 2048, 20)
             self.sparse_batches = ["fixed"]
             self.isa_rounds = 2
-            default_scenarios = [s for s in S.SCENARIOS if s != "torch-sparse"]
+            default_scenarios = [s for s in S.SCENARIOS
+                                 if s != "torch-sparse" and s not in S.ON_REQUEST]
         else:
             self.mode = "full"
             sizes = [2**k for k in range(4, 27)]
@@ -200,7 +206,7 @@ class Run:
             self.mixed = (1_000_000, 64, 2048, 20)  # rows, dim, batch, ids per bag
             self.sparse_batches = ["fixed", "cycling"]
             self.isa_rounds = 3
-            default_scenarios = list(S.SCENARIOS)
+            default_scenarios = [s for s in S.SCENARIOS if s not in S.ON_REQUEST]
         self.threads_isa = sorted({1, ncpu}) if self.mode != "smoke" else [ncpu]
         self.dtypes_many = ["float32"]
         self.dtypes_sparse = ["float32"]
@@ -253,6 +259,7 @@ class Run:
             self.peers = (set(P.DENSE) | set(S.SPARSE) | set(S.MIXED)) - {"deepspeed"}
         else:
             self.peers = None
+        self.soak_steps = args.soak_steps or (10**5, 10**3)
         self.scenarios = args.scenario or default_scenarios
         bad = [s for s in self.scenarios if s not in S.SCENARIOS]
         if bad:
@@ -374,6 +381,9 @@ def main(argv=None):
             result["errors"].append(f"{name}: {type(e).__name__}: {e}")
             continue
         report.finalize(recs, run.bw, run.llc)
+        for r in recs:   # a record may flag a failed check (the soak's tolerances)
+            if r.get("failed"):
+                result["errors"].append(f"{name}: {r.get('phase', r['impl'])} failed its check")
         cfg = info.get("fastadam_config", {})
         for r in recs:  # the machine, compactly, with every result (full record in meta)
             r.update(cpu=info["cpu"], cores=info["usable_cpus"], isa_module=cfg.get("isa"),

@@ -393,6 +393,25 @@ def tables(result):
                     if cross else
                     f"Serial vs 2-thread crossover, {s['dtype']}: no stable crossover in range",
                     _table(["elements", "1 thread", "2 threads", "t2/t1", "faster"], rows)))
+    # soak
+    for sm in [r for r in recs if r["scenario"] == "soak-summary"]:
+        rows = []
+        for r in recs:
+            if r["scenario"] == "soak" and r["phase"] == sm["phase"]:
+                rows.append([f"{r['steps']:,}", r["kind"],
+                             "-" if r["rss_mib"] is None else f"{r['rss_mib']:.1f}",
+                             f"{r['traced_mib'] * 1024:.1f}",
+                             f"{r['traced_peak_mib']:.1f}",
+                             "warm-up" if r["warmup"] else ""])
+        g = sm["rss_growth_mib"]
+        out.append((f"Soak, {sm['phase']} arrays ({sm['n']:,} elements): {sm['steps']:,} steps, "
+                    f"{sm['optimizers']} optimizers; after warm-up RSS "
+                    f"{'n/a' if g is None else f'{g:+.2f} MiB'} (tolerance "
+                    f"{sm['rss_tol_mib']} MiB), traced {sm['traced_growth_kib']:+.1f} KiB "
+                    f"(tolerance {sm['traced_tol_kib']} KiB): "
+                    + ("**FAILED**" if sm["failed"] else "flat"),
+                    _table(["steps", "last optimizer", "RSS MiB", "traced KiB",
+                            "traced peak MiB", ""], rows)))
     return out
 
 

@@ -6,8 +6,9 @@ What: ``dense`` (one array), ``overhead`` (16 elements: the Python layer),
 shapes, 148 small tensors, one tensor), ``sparse`` (embedding rows; options:
 pre-merged ids, cycling batches, thread counts), ``torch-sparse`` (skip-gram
 SparseAdam and a mixed Embedding+MLP model at the torch level), ``isa``
-(the ISA modules side by side) and ``threshold`` (serial vs 2-thread
-crossover).
+(the ISA modules side by side), ``threshold`` (serial vs 2-thread
+crossover) and, on request only, ``soak`` (memory flat over many steps and
+optimizers, :mod:`fastadam.bench.soak`).
 
 Method: every implementation of a case runs in this process on the same
 buffers, interleaved by ``timing.measure`` (medians, min/max, re-measured
@@ -758,7 +759,25 @@ def _current_threshold():
         return None
 
 
+def soak_scenario(run):
+    """``soak``: memory flat over 10**5 small steps and 10**3 large ones, optimizers
+    created and destroyed (see :mod:`fastadam.bench.soak`); on request only."""
+    from . import soak as SK
+    try:
+        import torch  # noqa: F401  (imported before tracing starts)
+    except ImportError:
+        pass
+    small, large = run.soak_steps
+    out = []
+    for name, steps, n, block in (("small", small, 256, 200), ("large", large, 2**22, 20)):
+        run.progress.update(f"soak {name}")
+        out += SK.phase(name, steps, n, block, log=run.log)
+    return out
+
+
 # --------------------------------------------------------------------------
+
+ON_REQUEST = ("soak",)   # never in a mode's default list: run with --scenario soak
 
 SCENARIOS = {
     "dense": (dense, dense_steps, "one array, 2**4..2**26 elements, per dtype and thread count"),
@@ -778,4 +797,8 @@ SCENARIOS = {
             "(FASTADAM_ISA)"),
     "threshold": (threshold, lambda run: len(run.dtypes),
                   "serial vs 2-thread crossover of the dense kernel"),
+    "soak": (soak_scenario, lambda run: 2,
+             "on request only: RSS and tracemalloc flat over 10**5 small + 10**3 large "
+             "steps, optimizers (numpy and torch, dense and sparse) created and destroyed; "
+             "fails beyond the tolerances (--soak-steps SMALL,LARGE)"),
 }

@@ -14,16 +14,26 @@ from collections import namedtuple
 
 import torch
 
+from .._validate import check_state_step
+
 SUPPORTED = (torch.float32, torch.float64)
 COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 # Validated zero-copy numpy views of a contiguous parameter and its state,
 # reused while the identity/layout fields still match (saves ~7 us per tensor).
+# ``ptrs`` holds the data addresses of the state tensors (m, v, vmax or 0, step)
+# the views were made from: ``t.data = other`` keeps a tensor's identity but
+# moves its storage, and must send the step back to the checked, re-viewed path.
 Views = namedtuple("Views", "m v vmax data_ptr stride dtype step p_np m_np v_np vmax_np "
-                            "amsgrad step_view")
+                            "amsgrad step_view ptrs")
 # The same for SparseAdam: the (rows, row width) table view and its state's.
-SViews = namedtuple("SViews", "m v data_ptr dtype shape table_np m_np v_np")
+SViews = namedtuple("SViews", "m v data_ptr dtype shape table_np m_np v_np ptrs")
+
+
+def state_ptrs(*tensors):
+    """The data addresses of ``tensors`` (0 for None), compared by the view caches."""
+    return tuple(0 if t is None else t.data_ptr() for t in tensors)
 
 
 
@@ -167,12 +177,22 @@ except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - older to
     _increment_version = _increment_version_fallback
 
 
-def step_view(state):
+def step_view(state, where="the parameter"):
     """0-d numpy view of state['step'] (a CPU scalar tensor): read and written without
-    a torch dispatch per parameter. An int/float step becomes such a tensor (same value)."""
+    a torch dispatch per parameter. A step that is not such a tensor (an int, float,
+    numpy scalar, integer-dtype or 1-element tensor: torch's ``__setstate__`` converts
+    them) becomes one, same value; a value that is no count (negative, fractional,
+    NaN, a string) raises a ValueError/TypeError naming it, before anything is written."""
     st = state["step"]
-    if st.device.type != "cpu" or st.dim() != 0 or st.dtype not in SUPPORTED:
-        st = state["step"] = torch.tensor(float(st), dtype=scalar_dtype())
+    if (not isinstance(st, torch.Tensor) or st.device.type != "cpu" or st.dim() != 0
+            or st.dtype not in SUPPORTED):
+        if isinstance(st, torch.Tensor):
+            if st.numel() != 1 or st.is_meta:
+                raise ValueError(f"state 'step' of {where} must be a scalar, got a tensor "
+                                 f"of shape {tuple(st.shape)} on {st.device}")
+            st = st.detach().cpu().reshape(())
+        n = check_state_step(st, f"state 'step' of {where}")
+        st = state["step"] = torch.tensor(float(n), dtype=scalar_dtype())
     return st.numpy()
 
 

@@ -28,7 +28,7 @@ from .. import functional as _F
 from .._validate import check_grad_scale, check_hyper
 from ..functional import plan_sparse_adam
 from . import _views as V
-from ._state import resolve_fused, to_torch_state_dict
+from ._state import load_checked, resolve_fused
 
 __all__ = ["Adam", "AdamW"]
 
@@ -122,6 +122,10 @@ class Adam(Optimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", self._decoupled_default)
+            for p in group["params"]:   # torch's Adam converts a non-tensor step here too
+                st = self.state.get(p)
+                if st and "step" in st and not isinstance(st["step"], torch.Tensor):
+                    V.step_view(st)
         self.__dict__.setdefault("n_threads", None)
         self._fa_views = {}
         self._fa_dups = {}
@@ -135,10 +139,15 @@ class Adam(Optimizer):
     def load_state_dict(self, state_dict):
         """torch's ``load_state_dict``; also takes numpy-layout dicts (``fastadam.load``,
         ``fastadam.Adam.state_dict()``), converted by :func:`fastadam.torch.to_torch_state_dict`.
-        A group whose ``fused`` is None is recorded as ``fused=True`` (as at construction)."""
-        self._fa_views = {}  # drop views of the replaced state tensors
-        self._fa_dups = {}
-        super().load_state_dict(to_torch_state_dict(state_dict))
+        A group whose ``fused`` is None is recorded as ``fused=True`` (as at construction).
+
+        Everything is checked before anything changes (torch's own applies the
+        param groups before it looks at the state): the layout, group count and
+        sizes, hyperparameters and options, state keys, ``step`` values and
+        each state tensor's shape, dtype kind and device (not ``meta``); a
+        rejected dict raises a ValueError/TypeError naming the problem and
+        leaves params, state, param_groups and steps as they were."""
+        load_checked(self, super().load_state_dict, state_dict, sparse=False)
         for group in self.param_groups:
             resolve_fused(group)
 
@@ -191,6 +200,7 @@ class Adam(Optimizer):
                         and c.vmax is (state.get("max_exp_avg_sq") if amsgrad else None)
                         and c.data_ptr == p.data_ptr() and c.stride == p.stride()
                         and c.dtype is p.dtype and c.step is state.get("step")
+                        and c.ptrs == V.state_ptrs(c.m, c.v, c.vmax, c.step)
                         and g.layout is strided and g.dtype is p.dtype and g.is_cpu
                         and g.is_contiguous() and g.shape == p.shape):
                     ps.append(c.p_np)
@@ -215,7 +225,7 @@ class Adam(Optimizer):
                 state.update(self._new_state(p, amsgrad))
             elif amsgrad and "max_exp_avg_sq" not in state:
                 state.update(V.new_state(p, ("max_exp_avg_sq",)))
-            step_view = V.step_view(state)   # converts an int/float step to a tensor
+            step_view = V.step_view(state, where)   # converts an int/float step to a tensor
             if g.is_sparse:
                 ops = V.sparse_operands(cls, p, g, where)
                 V.check_state(cls, state, keys, p, where)
@@ -240,7 +250,9 @@ class Adam(Optimizer):
                     cache[p] = V.Views(sts[0], sts[1], sts[2] if amsgrad else None,
                                        p.data_ptr(), p.stride(), p.dtype, state["step"], cvt(p),
                                        views[0], views[1], views[2] if amsgrad else None,
-                                       amsgrad, step_view)
+                                       amsgrad, step_view,
+                                       V.state_ptrs(sts[0], sts[1], sts[2] if amsgrad
+                                                    else None, state["step"]))
             elif V.is_dense(p):
                 # Permuted but gap-free (e.g. a transposed or channels_last weight):
                 # step the memory block in place; grad/state must share p's layout.

@@ -18,9 +18,10 @@ from torch.optim.optimizer import Optimizer
 
 from .. import _threads
 from .. import functional as _F
+from .._validate import check_state_step
 from ..functional import plan_sparse_adam, sparse_adam_step
 from . import _views as V
-from ._state import to_torch_state_dict
+from ._state import load_checked
 
 __all__ = ["SparseAdam"]
 
@@ -91,10 +92,11 @@ class SparseAdam(Optimizer):
     def load_state_dict(self, state_dict):
         """torch's ``load_state_dict``; also takes numpy-layout dicts (``fastadam.load``,
         ``fastadam.SparseAdam.state_dict()``), converted by
-        :func:`fastadam.torch.to_torch_state_dict`."""
-        self._fa_views = {}  # drop views of the replaced state tensors
-        self._fa_dups = {}
-        super().load_state_dict(to_torch_state_dict(state_dict))
+        :func:`fastadam.torch.to_torch_state_dict`. Everything (layout, groups,
+        hyperparameters, state keys, ``step``, each state tensor's shape, dtype
+        kind and device) is checked before anything changes: a rejected dict
+        raises naming the problem and leaves the optimizer as it was."""
+        load_checked(self, super().load_state_dict, state_dict, sparse=True)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -133,6 +135,7 @@ class SparseAdam(Optimizer):
                     state = state_of.get(p)
                     if (state is not None and c.m is state.get("exp_avg")
                             and c.v is state.get("exp_avg_sq")
+                            and c.ptrs == V.state_ptrs(c.m, c.v)
                             and c.data_ptr == p.data_ptr() and c.dtype is p.dtype
                             and c.shape == p.shape and g.layout is coo and g.dtype is p.dtype
                             and g.is_cpu and g.sparse_dim() == 1 and g.shape == p.shape):
@@ -141,6 +144,8 @@ class SparseAdam(Optimizer):
                         if ix.is_contiguous() and vals.is_contiguous():
                             vn = (vals.detach() if vals.requires_grad else vals).numpy()
                             vn = vn.reshape(vn.shape[0], c.table_np.shape[1])
+                            if type(state["step"]) is not int:
+                                _int_step(state, gi, i)
                             work.append((group, state, (c.table_np, ix.numpy()[0], vn,
                                                         c.m_np, c.v_np), p))
                             continue
@@ -158,6 +163,8 @@ class SparseAdam(Optimizer):
                 if len(state) == 0:
                     state["step"] = 0
                     state.update(V.new_state(p, ("exp_avg", "exp_avg_sq")))
+                elif type(state["step"]) is not int:
+                    _int_step(state, gi, i)
                 for k in ("exp_avg", "exp_avg_sq"):
                     t = state[k]
                     if t.shape != p.shape or t.dtype != p.dtype or not t.is_contiguous():
@@ -170,7 +177,8 @@ class SparseAdam(Optimizer):
                          state["exp_avg_sq"].view(table.shape).numpy())
                 if g.sparse_dim() == 1:
                     cache[p] = V.SViews(state["exp_avg"], state["exp_avg_sq"], p.data_ptr(),
-                                       p.dtype, p.shape, views[0], views[3], views[4])
+                                       p.dtype, p.shape, views[0], views[3], views[4],
+                                       V.state_ptrs(state["exp_avg"], state["exp_avg_sq"]))
                 work.append((group, state, views, p))
         n_threads = self.n_threads
         if len(work) == 1:
@@ -198,3 +206,16 @@ def _kwargs(group, state, n_threads):
     b1, b2 = group["betas"]
     return dict(step=int(state["step"]) + 1, lr=_num(group["lr"]), betas=(_num(b1), _num(b2)),
                 eps=group["eps"], maximize=group.get("maximize", False), n_threads=n_threads)
+
+
+def _int_step(state, gi, i):
+    """state['step'] as torch's SparseAdam keeps it, an int (from a float, numpy
+    scalar or 0-d tensor of the same integral value); a value that is no count
+    raises naming it, before anything is written."""
+    st = state["step"]
+    if isinstance(st, torch.Tensor):
+        if st.numel() != 1 or st.is_meta:
+            raise ValueError(f"SparseAdam: state 'step' of parameter {i} of param group {gi} "
+                             f"must be a scalar, got a tensor of shape {tuple(st.shape)}")
+        st = st.detach().cpu().reshape(())
+    state["step"] = check_state_step(st, f"state 'step' of parameter {i} of param group {gi}")

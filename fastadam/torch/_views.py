@@ -11,6 +11,7 @@ tensors (values preserved) and version counters after a step has run.
 """
 import math
 from collections import namedtuple
+from typing import Optional
 
 import torch
 
@@ -123,6 +124,24 @@ def duplicates(cache, gi, params):
     dup = len({id(p) for p in params}) != len(params)
     cache[gi] = (params, len(params), dup)
     return dup
+
+
+def stepped(cls, cache, gi, params):
+    """``(i, p, grad)`` for the parameters of group ``gi`` that have a gradient:
+    a parameter still on ``meta`` is an error even without one, and a duplicate
+    (torch warned when the group was added) comes once."""
+    seen: Optional[set[int]] = set() if duplicates(cache, gi, params) else None
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            if p.is_meta:
+                check_not_meta(cls, p, f"parameter {i} of param group {gi}")
+            continue
+        if seen is not None:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+        yield i, p, g
 
 
 def is_dense(t):

@@ -177,17 +177,7 @@ class Adam(Optimizer):
         state_of = self.state
         strided = torch.strided
         params = group["params"]
-        seen: Any = set() if V.duplicates(self._fa_dups, gi, params) else None
-        for i, p in enumerate(params):
-            g = p.grad
-            if g is None:
-                if p.is_meta:
-                    V.check_not_meta(cls, p, f"parameter {i} of param group {gi}")
-                continue
-            if seen is not None:   # a duplicate (torch warned) is stepped once
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
+        for i, p, g in V.stepped(cls, self._fa_dups, gi, params):
             # Fast path: a contiguous real parameter stepped before, same state tensors,
             # same memory: reuse the validated numpy views of p and its state; only the
             # gradient (a new tensor after zero_grad) is checked and viewed afresh.

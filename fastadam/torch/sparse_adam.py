@@ -11,7 +11,6 @@ bit-identical (state created for a first step may remain, zeroed, as with
 torch). With one table the single call is :func:`fastadam.sparse_adam_step`,
 which validates everything (ids in its merge pass) before it writes.
 """
-from typing import Any
 
 import torch
 from torch.optim.optimizer import Optimizer
@@ -115,17 +114,7 @@ class SparseAdam(Optimizer):
         coo = torch.sparse_coo
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            seen: Any = set() if V.duplicates(self._fa_dups, gi, params) else None
-            for i, p in enumerate(params):
-                g = p.grad
-                if g is None:
-                    if p.is_meta:
-                        V.check_not_meta("SparseAdam", p, f"parameter {i} of param group {gi}")
-                    continue
-                if seen is not None:   # a duplicate (torch warned) is stepped once
-                    if id(p) in seen:
-                        continue
-                    seen.add(id(p))
+            for i, p, g in V.stepped("SparseAdam", self._fa_dups, gi, params):
                 # Fast path: p stepped before, same state tensors, same memory, a
                 # COO gradient over the first dimension (nn.Embedding's): reuse the
                 # validated numpy views; only the gradient is viewed afresh. Every

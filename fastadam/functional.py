@@ -20,6 +20,7 @@ from . import _plan, _runtime, _threads
 from ._validate import (
     F32,
     F64,
+    MAX_STEP,
     check_bool,
     check_buffer,
     check_grad_scale,
@@ -131,10 +132,9 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
     ``op``: the kernel-table op (a variant with Adam's buffers reuses all of
     this validation).
     """
-    n_p, n_g, n_m, n_v, n_vm, n_step = names
     _check_flags(decoupled_weight_decay, amsgrad, maximize)
     if amsgrad and max_exp_avg_sq is None:
-        raise ValueError(f"amsgrad=True needs {n_vm} (a buffer like {n_v})")
+        raise ValueError(f"amsgrad=True needs {names[4]} (a buffer like {names[3]})")
     if not amsgrad:
         max_exp_avg_sq = None
     fast = _runtime.dense_scan(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
@@ -143,7 +143,8 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
         kernel = _kernels().scanned(op, fast)
     else:              # anything else: the Python checks word the error
         pdt, kernel = _check_single(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, names, op)
-    step = check_step(step, n_step)
+    if not (type(step) is int and 1 <= step <= MAX_STEP):
+        step = check_step(step, names[5])
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
     scaled, scale = check_grad_scale(grad_scale, pdt)
     nt = _threads.resolve(n_threads, param.size * (_threads.FP64_COST if pdt is F64 else 1))
@@ -289,7 +290,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
             and (not amsgrad or (type(max_exp_avg_sqs) is list and len(max_exp_avg_sqs) == 1)):
         # one array: the single-buffer kernel, no pointer tables (per-call overhead)
         s0 = steps[0] if isinstance(steps, (list, tuple)) and len(steps) == 1 else steps
-        names = tuple(f"{name}[{lab(0)}]" for name in _LIST_NAMES + ("steps",))
+        names = _EntryNames(lab(0))
         return _plan_single(params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], s0, lr, betas,
                             eps, weight_decay, decoupled_weight_decay, amsgrad,
                             max_exp_avg_sqs[0] if amsgrad and max_exp_avg_sqs else None,
@@ -370,6 +371,25 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
                               p_[4] if vmaxs is not None else _EMPTY_I64, offsets, neg_steps, bc2s,
                               _plan.with_step(args, 0.0, 1.0), flags, nt)))
     return plan
+
+
+class _EntryNames:
+    """The names entry ``label`` of the lists goes by in messages
+    (``params[3]``, ..., ``steps[3]``), formatted only when a message needs one."""
+
+    __slots__ = ("label",)
+    _NAMES = _LIST_NAMES + ("steps",)
+
+    def __init__(self, label):
+        self.label = label
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self._NAMES))))
+        return f"{self._NAMES[i]}[{self.label}]"
+
+    def __len__(self):
+        return len(self._NAMES)
 
 
 def _scan_entries(lists, ptrs, sizes, key_of, lab, op="adam"):

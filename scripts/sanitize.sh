@@ -82,7 +82,10 @@ print('sanitize.sh: testing', fastadam.__file__, 'kernels', fastadam.isa)
 "
 
 if [ $# -eq 0 ]; then
-    set -- -m "not torch and not slow" tests --doctest-modules fastadam
+    # the soak test is left out: it asserts RSS stays flat, and ASan's quarantine of
+    # freed memory makes RSS grow by design (tracemalloc stays flat there too)
+    set -- -m "not torch and not slow" tests --doctest-modules fastadam \
+        --deselect tests/test_soak.py::test_soak_memory_is_flat
 fi
 # --capture=sys: pytest would otherwise redirect fd 2 to a temporary file and a
 # sanitizer report (written to fd 2 just before the process aborts) would be lost.

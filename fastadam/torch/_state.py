@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .._validate import check_bool, check_hyper, check_state_step
-from ._views import scalar_dtype
+from ._views import scalar_dtype, step_value
 
 __all__ = ["to_torch_state_dict", "resolve_fused"]
 
@@ -260,13 +260,7 @@ def _check_param_state(name: str, st: Any, p: Any, sparse: bool) -> None:
     for k in ("step",) + _SPARSE_KEYS:
         if k not in st:
             raise ValueError(f"{name} lacks {k!r}")
-    step = st["step"]
-    if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.is_meta:
-            raise ValueError(f"{name} 'step' must be a scalar with a value, got a tensor of "
-                             f"shape {tuple(step.shape)} on {step.device}")
-        step = step.detach().cpu().reshape(())
-    check_state_step(step, f"{name} 'step'")
+    check_state_step(step_value(st["step"], f"{name} 'step'"), f"{name} 'step'")
     for k in keys:
         if k not in st:
             continue

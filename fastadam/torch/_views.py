@@ -32,6 +32,17 @@ Views = namedtuple("Views", "m v vmax data_ptr stride dtype step p_np m_np v_np 
 SViews = namedtuple("SViews", "m v data_ptr dtype shape table_np m_np v_np ptrs")
 
 
+
+def step_value(step, name):
+    """A state ``step`` as a plain value for ``check_state_step``: a 1-element
+    tensor with a value becomes 0-d on the CPU; anything else passes as is."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_meta:
+            raise ValueError(f"{name} must be a scalar with a value, got a tensor of shape "
+                             f"{tuple(step.shape)} on {step.device}")
+        return step.detach().cpu().reshape(())
+    return step
+
 def state_ptrs(*tensors):
     """The data addresses of ``tensors`` (0 for None), compared by the view caches."""
     return tuple(0 if t is None else t.data_ptr() for t in tensors)

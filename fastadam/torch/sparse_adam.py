@@ -201,10 +201,5 @@ def _int_step(state, gi, i):
     """state['step'] as torch's SparseAdam keeps it, an int (from a float, numpy
     scalar or 0-d tensor of the same integral value); a value that is no count
     raises naming it, before anything is written."""
-    st = state["step"]
-    if isinstance(st, torch.Tensor):
-        if st.numel() != 1 or st.is_meta:
-            raise ValueError(f"SparseAdam: state 'step' of parameter {i} of param group {gi} "
-                             f"must be a scalar, got a tensor of shape {tuple(st.shape)}")
-        st = st.detach().cpu().reshape(())
-    state["step"] = check_state_step(st, f"state 'step' of parameter {i} of param group {gi}")
+    name = f"state 'step' of parameter {i} of param group {gi}"
+    state["step"] = check_state_step(V.step_value(state["step"], f"SparseAdam: {name}"), name)

@@ -308,18 +308,13 @@ def main(argv=None):
         print("scenarios:")
         for k, (_, _, d) in S.SCENARIOS.items():
             print(f"  {k:10s} {d}")
-        print("dense/many/overhead implementations:")
-        for k, (_, d) in P.DENSE.items():
-            print(f"  {k:20s} {d}")
-        print("sparse implementations:")
-        for k, (_, d) in S.SPARSE.items():
-            print(f"  {k:20s} {d}")
-        print("torch scenario models:")
-        for k, (_, d) in S.TORCH_MODELS.items():
-            print(f"  {k:20s} {d}")
-        print("torch-sparse mixed model:")
-        for k, (_, d) in S.MIXED.items():
-            print(f"  {k:20s} {d}")
+        for title, table in (("dense/many/overhead implementations", P.DENSE),
+                             ("sparse implementations", S.SPARSE),
+                             ("torch scenario models", S.TORCH_MODELS),
+                             ("torch-sparse mixed model", S.MIXED)):
+            print(f"{title}:")
+            for k, (_, d) in table.items():
+                print(f"  {k:20s} {d}")
         return 0
     if args.render:
         return render(args.render, args.out, plots=not args.no_plots)

@@ -102,15 +102,21 @@ def _torch_dense(cls_name: str) -> Callable[..., Any]:
     return make
 
 
-def _torch_sparse(n: int, rng: Any, prev: Any) -> Any:
+def _embedding(n: int, rng: Any) -> Any:
+    """An embedding table of ``n`` elements (rows of 16) with a sparse gradient
+    of 64 random rows."""
     import torch
-
-    import fastadam.torch as fat
     rows = max(16, n // 16)
     emb = torch.nn.Parameter(torch.zeros(rows, 16))
     ix = torch.from_numpy(rng.integers(0, rows, (1, 64)))
     emb.grad = torch.sparse_coo_tensor(ix, torch.full((64, 16), 1e-3), (rows, 16),
                                        check_invariants=False)
+    return emb
+
+
+def _torch_sparse(n: int, rng: Any, prev: Any) -> Any:
+    import fastadam.torch as fat
+    emb = _embedding(n, rng)
     opt = fat.SparseAdam([emb], lr=1e-3)
     if prev is not None:
         opt.load_state_dict(prev)
@@ -124,11 +130,7 @@ def _torch_mixed(n: int, rng: Any, prev: Any) -> Any:
     import torch
 
     import fastadam.torch as fat
-    rows = max(16, n // 16)
-    emb = torch.nn.Parameter(torch.zeros(rows, 16))
-    ix = torch.from_numpy(rng.integers(0, rows, (1, 64)))
-    emb.grad = torch.sparse_coo_tensor(ix, torch.full((64, 16), 1e-3), (rows, 16),
-                                       check_invariants=False)
+    emb = _embedding(n, rng)
     w = torch.nn.Parameter(torch.zeros(n))
     w.grad = torch.full((n,), 1e-3)
     opt = fat.Adam([{"params": [w]}, {"params": [emb], "lr": 1e-2}], lr=1e-3)

@@ -43,9 +43,11 @@ def step_value(step, name):
         return step.detach().cpu().reshape(())
     return step
 
-def state_ptrs(*tensors):
-    """The data addresses of ``tensors`` (0 for None), compared by the view caches."""
-    return tuple(0 if t is None else t.data_ptr() for t in tensors)
+def state_ptrs(m, v, vmax=None, step=None):
+    """The data addresses of a parameter's state tensors (0 for None), compared by
+    the view caches (written out: this runs once per parameter and step)."""
+    return (m.data_ptr(), v.data_ptr(), 0 if vmax is None else vmax.data_ptr(),
+            0 if step is None else step.data_ptr())
 
 
 

@@ -210,7 +210,7 @@ STATE_DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float1
                      "double": "float64", "float64": "float64"}
 
 
-def _state_dtype_name(value):
+def state_dtype_name(value):
     """The interface name of a ``state_dtype=`` value (a name of
     :data:`STATE_DTYPE_NAMES`, a numpy dtype or type, ``ml_dtypes.bfloat16``,
     a ``torch.dtype``), or a TypeError naming the argument."""
@@ -221,7 +221,7 @@ def _state_dtype_name(value):
                             f"{', '.join(sorted(STATE_DTYPE_NAMES))})")
         return name
     if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
-        return _state_dtype_name(str(value).replace("torch.", ""))
+        return state_dtype_name(str(value).replace("torch.", ""))
     try:
         dt = np.dtype(value)
     except TypeError:
@@ -242,7 +242,7 @@ def state_dtype(param_dtype, state_dtype=None, op="adam"):
     pdt = np.dtype(param_dtype)
     if state_dtype is None:
         return pdt
-    name = _state_dtype_name(state_dtype)
+    name = state_dtype_name(state_dtype)
     if name not in DTYPES:
         raise TypeError(f"state_dtype {name} needs the ml_dtypes package "
                         "(pip install ml_dtypes, or fastadam[bf16])")

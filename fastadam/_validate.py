@@ -268,5 +268,13 @@ def to_numpy(x):
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "detach"):  # torch tensor
-        return x.detach().cpu().numpy()
+        t = x.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":      # no numpy dtype: the bits, as ml_dtypes'
+            import torch
+            bf16 = numpy_dtype("bfloat16")
+            if bf16 is None:
+                raise TypeError("a bfloat16 tensor needs the ml_dtypes package to become "
+                                "a numpy array (pip install ml_dtypes)")
+            return t.contiguous().view(torch.int16).numpy().view(bf16)
+        return t.numpy()
     return np.asarray(x)

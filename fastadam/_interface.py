@@ -127,7 +127,8 @@ COPY_COMBOS = {
 _ALL = {**COMBOS, **DENSE_COMBOS}
 # (op, param dtype, grad dtype, state dtype) -> compiled name, e.g. "adam32";
 # the copy ops' keys end with the param_copy dtype
-KERNELS = {(op,) + combo: op + sfx for op in OPS for sfx, combo in COMBOS.items()}
+KERNELS: dict[tuple[str, ...], str] = {(op,) + combo: op + sfx for op in OPS
+                                       for sfx, combo in COMBOS.items()}
 KERNELS.update({(op,) + combo: op + sfx for op in DENSE_OPS
                 for sfx, combo in DENSE_COMBOS.items()})
 KERNELS.update({(op,) + _ALL[sfx]: op + sfx for op in SR_OPS for sfx in SR_COMBOS})
@@ -181,7 +182,7 @@ def dense_families():
     """For the dense template: ``(kind, suffix, TP, TG, TS, TC, TCOPY)`` per
     compiled family of dense kernels; ``kind`` is ``""`` (ops adam /
     adam_multi), ``"sr"`` or ``"copy"``; ``TCOPY`` the param_copy C type or None."""
-    out = []
+    out: list[tuple[str, str, str, str, str, str, str | None]] = []
     for sfx, (p, g, s) in _ALL.items():
         out.append(("", sfx, DTYPES[p][0], DTYPES[g][0], DTYPES[s][0],
                     DTYPES[compute_dtype(p)][0], None))

@@ -118,11 +118,11 @@ class Kernels:
         if fn is not None:
             return fn
         if copy is not None:
-            have = sorted({k[1:] for k in I.KERNELS if k[0] == op})
+            copies = sorted({k[1:] for k in I.KERNELS if k[0] == op})
             raise TypeError(f"{names[3]}: no kernel writes a {copy} param_copy for "
                             f"{names[0]} {param}, {names[1]} {grad}, {names[2]} {state}; "
                             "supported (param, grad, state, param_copy): "
-                            + ", ".join("(" + ", ".join(c) + ")" for c in have))
+                            + ", ".join("(" + ", ".join(c) + ")" for c in copies))
         combos = _combos(op)
         have = ", ".join("(" + ", ".join(c) + ")" for c in combos)
         if not any(p == param.name for p, _, _ in combos):

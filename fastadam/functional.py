@@ -371,9 +371,10 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     extra = _extra_kind(param_copies, stochastic_rounding, "param_copies")
     params = _as_list("params", params)
     n = len(params)
+    copies: list[Any] = []
     if extra:
         if extra == "copy":
-            param_copies = _as_list("param_copies", param_copies, n)
+            copies = _as_list("param_copies", param_copies, n)
         seed = _check_seed(seed)
     if n == 1 and type(grads) is list and type(exp_avgs) is list and len(grads) == 1 \
             and type(exp_avg_sqs) is list and len(exp_avgs) == 1 and len(exp_avg_sqs) == 1 \
@@ -386,7 +387,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
                             max_exp_avg_sqs[0] if amsgrad and max_exp_avg_sqs else None,
                             maximize, grad_scale,
                             n_threads, names, op=_op,
-                            param_copy=param_copies[0] if extra == "copy" else None,
+                            param_copy=copies[0] if extra == "copy" else None,
                             stochastic_rounding=extra == "sr",
                             seed=_plan.array_seed(seed, lab(0)) if extra == "sr" else 0,
                             copy_name=f"param_copies[{lab(0)}]")
@@ -418,15 +419,15 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
         # not the homogeneous fast case: check every entry in Python (this
         # raises the precise error, or accepts a mixed-dtype combination)
         keys = _scan_entries(lists, ptrs, sizes, key_of, lab, _extra_op(_op, extra),
-                             param_copies if extra == "copy" else None)
+                             copies if extra == "copy" else None)
     row_names = list(_LIST_NAMES[:len(lists)])
     if extra == "copy":     # the copies' pointers: the row after the state's
-        crow = np.array([a.ctypes.data for a in param_copies], dtype=np.int64).reshape(1, n)
+        crow = np.array([a.ctypes.data for a in copies], dtype=np.int64).reshape(1, n)
         if vmaxs is None:
             ptrs[4] = crow
         else:
             ptrs = np.concatenate([ptrs, crow])
-        lists = lists + [param_copies]
+        lists = lists + [copies]
         row_names.append("param_copies")
     nl = len(lists)
     span = np.empty((nl, n), dtype=np.int64)      # bytes of every buffer
@@ -520,7 +521,7 @@ def _scan_entries(lists, ptrs, sizes, key_of, lab, op="adam", copies=None):
         sdt = check_buffer(names[2], lists[2][i])
         for j in range(3, len(lists)):
             same_dtype(names[j], check_buffer(names[j], lists[j][i]), names[2], sdt)
-        key = (pdt, gdt, sdt)
+        key: tuple[Any, ...] = (pdt, gdt, sdt)
         if copies is not None:
             cname = f"param_copies[{label}]"
             cdt = check_buffer(cname, copies[i])

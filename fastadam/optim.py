@@ -197,7 +197,7 @@ class Adam(_Locked):
             group[k] = v
         sdt = group.get("state_dtype")
         if sdt is not None:
-            for i, p in enumerate(ps):
+            for p in ps:
                 _plan.state_dtype(p.dtype, sdt)
         _no_param_overlap(self._all_params() + ps)
         self.param_groups.append(group)
@@ -247,7 +247,7 @@ class Adam(_Locked):
                 sts = [self.state.get(id(p)) or self._init_state(p, ams, group)
                        for p, _ in pairs]
                 steps = [st["step"] + 1 for st in sts]
-                copies = None
+                copies: Optional[list[Any]] = None
                 if param_copies is not None:
                     copies = [param_copies[i] for i in labels]
                     if all(c is None for c in copies):

@@ -117,13 +117,12 @@ def test_sr_lists_equal_single_calls_with_the_array_seeds():
     sizes = [16, 1000, 70_000]
     ps = [rng.standard_normal(n).astype(np.float32).astype(BF16) for n in sizes]
     gs = [rng.standard_normal(n).astype(np.float32).astype(BF16) for n in sizes]
-    singles = [p.copy() for p in ps]
     for nt in THREADS:
         many = [p.copy() for p in ps]
         zs = [[np.zeros(n, BF16) for n in sizes] for _ in range(2)]
         fa.functional.adam(many, gs, zs[0], zs[1], steps=[1, 5, 2], stochastic_rounding=True,
                            seed=7, n_threads=nt)
-        for i, (p, g, s) in enumerate(zip(singles, gs, [1, 5, 2])):
+        for i, (g, s) in enumerate(zip(gs, [1, 5, 2])):
             q = ps[i].copy()
             fa.adam_step(q, g, np.zeros_like(q), np.zeros_like(q), step=s,
                          stochastic_rounding=True, seed=_plan.array_seed(7, i))

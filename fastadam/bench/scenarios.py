@@ -7,7 +7,8 @@ shapes, 148 small tensors, one tensor), ``sparse`` (embedding rows; options:
 pre-merged ids, cycling batches, thread counts), ``torch-sparse`` (skip-gram
 SparseAdam and a mixed Embedding+MLP model at the torch level), ``isa``
 (the ISA modules side by side), ``threshold`` (serial vs 2-thread
-crossover) and, on request only, ``soak`` (memory flat over many steps and
+crossover), ``precision`` (16-bit dtype combinations, :mod:`fastadam.bench.precision`)
+and, on request only, ``soak`` (memory flat over many steps and
 optimizers, :mod:`fastadam.bench.soak`).
 
 Method: every implementation of a case runs in this process on the same
@@ -36,6 +37,7 @@ import numpy as np
 
 from . import bound as B
 from . import peers as P
+from . import precision as PR
 from . import timing
 from .machine import bound_for, note_bound
 
@@ -797,6 +799,9 @@ SCENARIOS = {
             "(FASTADAM_ISA)"),
     "threshold": (threshold, lambda run: len(run.dtypes),
                   "serial vs 2-thread crossover of the dense kernel"),
+    "precision": (PR.precision, PR.steps,
+                  "16-bit params/grads/moments, bf16 copy-out, stochastic rounding vs torch "
+                  "fused fp32 and bf16/fp16: time, bytes/element, % of bound, state bytes"),
     "soak": (soak_scenario, lambda run: 2,
              "on request only: RSS and tracemalloc flat over 10**5 small + 10**3 large "
              "steps, optimizers (numpy and torch, dense and sparse) created and destroyed; "

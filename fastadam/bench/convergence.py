@@ -212,7 +212,7 @@ def plot(results, path, title):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, (name, rec) in enumerate(results.items()):
+    for i, rec in enumerate(results.values()):
         color = f"C{i}"
         tl = np.asarray(rec["train_loss"])
         k = min(10, len(tl))

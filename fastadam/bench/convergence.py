@@ -111,14 +111,13 @@ def _model(vocab, shape):
                 for _ in range(shape.layers))
             self.norm = nn.LayerNorm(shape.d_model)
             self.head = nn.Linear(shape.d_model, vocab)
-            mask = torch.ones(shape.seq, shape.seq, dtype=torch.bool).triu(1)
-            self.register_buffer("mask", mask, persistent=False)
+            self.causal = torch.ones(shape.seq, shape.seq, dtype=torch.bool).triu(1)
 
         def forward(self, x):
             t = x.shape[1]
             h = self.tok(x) + self.pos.weight[:t]
             for block in self.blocks:
-                h = block(h, src_mask=self.mask[:t, :t])
+                h = block(h, src_mask=self.causal[:t, :t])
             return self.head(self.norm(h))
 
     return CharLM()

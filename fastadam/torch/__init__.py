@@ -8,10 +8,11 @@ creation, parameter checks) and :mod:`fastadam.torch._state`
 ``fastadam.load``, in torch's layout), :mod:`fastadam.torch._fast` (the
 recorded per-group fast step), :mod:`fastadam.torch._stepper` (``step()``:
 hooks, profiler range, lock) and :mod:`fastadam.torch._backward`
-(:func:`step_in_backward`: the step fused into backward). Contract: subclasses of ``torch.optim.Optimizer``
-with torch's arguments, defaults, ``param_groups`` and state, stepped by
-fastadam's kernels through the functional layer; a step plans every native
-call (validating everything) before it writes anything.
+(:func:`step_in_backward`: the step fused into backward). Contract:
+subclasses of ``torch.optim.Optimizer`` with torch's arguments, defaults,
+``param_groups`` and state, stepped by fastadam's kernels through the
+functional layer; a step plans every native call (validating everything)
+before it writes anything.
 
 This is the only package of fastadam that imports torch; ``import fastadam``
 does not.

@@ -154,13 +154,7 @@ class Adam(_Locked):
                              capturable=False, differentiable=False, fused=True,
                              decoupled_weight_decay=check_bool(decoupled_weight_decay,
                                                                "decoupled_weight_decay"))
-        if seed is None and stochastic_rounding is True:
-            seed = secrets.randbits(63)
-        precision = _check_precision("", dict(state_dtype=state_dtype,
-                                              stochastic_rounding=stochastic_rounding,
-                                              seed=0 if seed is None else seed))
-        self.defaults.update({k: v for k, v in precision.items()
-                              if v != _PRECISION_DEFAULTS[k]})
+        self.defaults.update(precision_defaults(state_dtype, stochastic_rounding, seed))
         self.n_threads = n_threads
         self._lock = threading.RLock()
         plist = list(params)
@@ -489,6 +483,18 @@ def _check_precision(where, opts):
                 f"{where}seed must be an int in [0, 2**64), got {v!r:.40}")
         out["seed"] = int(v)
     return out
+
+
+def precision_defaults(state_dtype=None, stochastic_rounding=False, seed=None):
+    """The precision options of an optimizer's defaults, validated: only those
+    not at their default (so a default optimizer's groups stay torch's); a
+    seed is drawn when stochastic rounding is on and none is given."""
+    if seed is None and stochastic_rounding is True:
+        seed = secrets.randbits(63)
+    precision = _check_precision("", dict(state_dtype=state_dtype,
+                                          stochastic_rounding=stochastic_rounding,
+                                          seed=0 if seed is None else seed))
+    return {k: v for k, v in precision.items() if v != _PRECISION_DEFAULTS[k]}
 
 
 def _check_param_state(name, st, p, amsgrad, state_dtype=None):

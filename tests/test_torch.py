@@ -265,11 +265,15 @@ def test_state_relaid_after_loading_contiguous_state_for_transposed_param():
 # -- errors ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_is_a_clear_type_error(dtype):
+def test_half_precision_is_accepted(dtype):
+    """16-bit parameters are stepped (issue 12; parity: tests/test_torch_lowp.py)."""
+    pytest.importorskip("ml_dtypes")
     p = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
-    for cls in (fat.Adam, fat.AdamW, fat.SparseAdam):
-        with pytest.raises(TypeError, match="does not support yet"):
-            cls([p])
+    for cls in (fat.Adam, fat.AdamW):
+        opt = cls([p], lr=0.5)
+        p.grad = torch.ones(4, dtype=dtype)
+        opt.step()
+        assert opt.state[p]["exp_avg"].dtype == dtype
 
 
 def test_non_cpu_and_other_bad_params():
@@ -283,9 +287,9 @@ def test_non_cpu_and_other_bad_params():
         fat.Adam([torch.zeros(3, dtype=torch.int32)])
     p = torch.nn.Parameter(torch.zeros(4))
     opt = fat.Adam([p])
-    p.data = torch.zeros(4, dtype=torch.float16)  # changed after construction
-    p.grad = torch.zeros(4, dtype=torch.float16)
-    with pytest.raises(TypeError, match="does not support yet"):
+    p.data = torch.zeros(4, dtype=torch.float8_e5m2)  # changed after construction
+    p.grad = torch.zeros(4, dtype=torch.float8_e5m2)
+    with pytest.raises(TypeError, match="float8_e5m2"):
         opt.step()
     with pytest.raises(ValueError, match="capturable"):
         fat.Adam([torch.nn.Parameter(torch.zeros(2))], capturable=True)
@@ -302,9 +306,9 @@ def test_rejected_step_writes_nothing():
     b = torch.nn.Parameter(torch.ones(2, 4, dtype=torch.float64))
     opt = fat.Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
     a.grad = torch.ones(8)
-    b.data = torch.ones(2, 4, dtype=torch.bfloat16)   # group 1 turns invalid after construction
-    b.grad = torch.ones(2, 4, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="bfloat16"):
+    b.data = torch.ones(2, 4, dtype=torch.float8_e5m2)   # group 1 turns invalid after construction
+    b.grad = torch.ones(2, 4, dtype=torch.float8_e5m2)
+    with pytest.raises(TypeError, match="float8_e5m2"):
         opt.step()
     assert torch.equal(a, torch.ones(8)) and float(opt.state[a]["step"]) == 0.0
 

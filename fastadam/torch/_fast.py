@@ -217,8 +217,8 @@ def build(gi, group, state_of, tparams, ps, sparse, dups) -> Optional[GroupRecor
     of the sparse ones.
     """
     params = group["params"]
-    if dups or len(params) > len({id(p) for p in params}):
-        return None
+    if dups or len(params) > len({id(p) for p in params}) or group.get("stochastic_rounding"):
+        return None             # (stochastic rounding: a key per step, the checked path)
     amsgrad = bool(group["amsgrad"])
     rec = GroupRecord()
     rec.params, rec.n_params, rec.amsgrad = params, len(params), amsgrad

@@ -45,6 +45,8 @@ def _is_sparse_group(group: Any) -> bool:
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
+    if a.dtype.kind == "V" and a.dtype.name == "bfloat16":     # ml_dtypes.bfloat16
+        return _tensor(a.view(np.int16)).view(torch.bfloat16)
     if a.flags.writeable and a.dtype.isnative and a.flags.c_contiguous:
         return torch.from_numpy(a)          # zero copy
     return torch.tensor(np.ascontiguousarray(a, a.dtype.newbyteorder("=")))

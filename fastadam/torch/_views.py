@@ -13,11 +13,10 @@ import math
 from collections import namedtuple
 from typing import Optional
 
-import numpy as np
 import torch
 
 from .. import _interface
-from .._validate import check_state_step
+from .._validate import KERNEL_DTYPES, check_state_step
 
 
 def dtype_name(dtype):
@@ -26,15 +25,17 @@ def dtype_name(dtype):
 
 
 def np_dtype(dtype):
-    """The numpy dtype of a torch dtype's kernel buffers."""
-    return np.dtype(dtype_name(dtype))
+    """The numpy dtype of a torch dtype's kernel buffers (bfloat16: ml_dtypes')."""
+    return KERNEL_DTYPES[dtype_name(dtype)]
 
 
 # The parameter dtypes the drop-ins step: those with a kernel for (param, grad,
 # state) all of that dtype in the kernel table (fastadam._interface.KERNELS) --
-# a combination added there is stepped here without another list to edit.
+# a combination added there is stepped here without another list to edit --
+# and a numpy dtype here (bfloat16 views need ml_dtypes).
 SUPPORTED = tuple(dt for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-                  if ("adam",) + (dtype_name(dt),) * 3 in _interface.KERNELS)
+                  if ("adam",) + (dtype_name(dt),) * 3 in _interface.KERNELS
+                  and dtype_name(dt) in KERNEL_DTYPES)
 COMPLEX = {c: r for c, r in ((torch.complex64, torch.float32),
                              (torch.complex128, torch.float64)) if r in SUPPORTED}
 # A state ``step`` is a 0-d tensor of one of these (torch: float32, float64 under a
@@ -126,11 +127,11 @@ def check_param(cls, p, where, device=True):
     dt = p.dtype
     if dt in SUPPORTED or dt in COMPLEX:
         return
-    if dt in (torch.float16, torch.bfloat16):
-        raise TypeError(f"{cls}: {where} has dtype {dt}, which fastadam does not support yet "
-                        "(float32 and float64 only; keep float32 master weights, e.g. with "
-                        "torch.autocast, for mixed precision)")
-    raise TypeError(f"{cls}: {where} has dtype {dt}; fastadam steps float32/float64 "
+    if dt is torch.bfloat16:
+        raise TypeError(f"{cls}: {where} has dtype {dt}: bfloat16 parameters need the "
+                        "ml_dtypes package (pip install ml_dtypes, or fastadam[bf16])")
+    raise TypeError(f"{cls}: {where} has dtype {dt}; fastadam steps "
+                    f"{'/'.join(dtype_name(d) for d in SUPPORTED)} "
                     "(and complex64/complex128) parameters only")
 
 
@@ -199,13 +200,29 @@ def real(t):
 
 
 def np_view(t):
-    """Zero-copy numpy view of a contiguous CPU tensor (any shape)."""
-    return (t.detach() if t.requires_grad else t).numpy()
+    """Zero-copy numpy view of a contiguous CPU tensor (any shape); a bfloat16
+    tensor as an ``ml_dtypes.bfloat16`` array over the same memory."""
+    t = t.detach() if t.requires_grad else t
+    if t.dtype is torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_BF16)
+    return t.numpy()
 
 
 def flat_np_view(t):
     """Zero-copy 1-D numpy view, in memory order, of a dense (permuted) tensor."""
-    return t.detach().as_strided((t.numel(),), (1,)).numpy()
+    return np_view(t.detach().as_strided((t.numel(),), (1,)))
+
+
+_BF16 = KERNEL_DTYPES.get("bfloat16")
+
+
+def state_dtype(p, name):
+    """The torch dtype of the state of parameter ``p`` for a group's
+    ``state_dtype`` (None: the parameter's), checked by ``_plan.state_dtype``."""
+    if name is None:
+        return None
+    from .. import _plan
+    return getattr(torch, _plan.state_dtype(np_dtype(p.dtype), name).name)
 
 
 def bump_versions(tensors):
@@ -282,13 +299,15 @@ def sparse_operands(cls, p, g, where):
     return table, ids, vals
 
 
-def check_state(cls, state, keys, p, where, hint=""):
-    """Raise if a state tensor of ``p`` has another shape or dtype, or is not on the CPU."""
+def check_state(cls, state, keys, p, where, hint="", dtype=None):
+    """Raise if a state tensor of ``p`` has another shape or dtype (``dtype``,
+    default the parameter's), or is not on the CPU."""
+    dtype = p.dtype if dtype is None else dtype
     for k in keys:
         t = state[k]
-        if t.shape != p.shape or t.dtype != p.dtype or t.device.type != "cpu":
+        if t.shape != p.shape or t.dtype != dtype or t.device.type != "cpu":
             raise ValueError(f"{cls}: state '{k}' of {where} is {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}; expected {p.dtype} "
+                             f"{tuple(t.shape)} on {t.device}; expected {dtype} "
                              f"{tuple(p.shape)} on cpu{hint}")
 
 
@@ -301,8 +320,8 @@ def as_state_layout(state, key, p, view):
     t = state[key]
     if t.is_contiguous() if view == "contiguous" else same_layout(t, p):
         return t
-    nt = torch.empty_like(p, memory_format=torch.preserve_format) if view == "dense" \
-        else torch.empty(p.shape, dtype=p.dtype)
+    nt = torch.empty_like(p, dtype=t.dtype, memory_format=torch.preserve_format) \
+        if view == "dense" else torch.empty(p.shape, dtype=t.dtype)
     nt.copy_(t)
     state[key] = nt
     return nt

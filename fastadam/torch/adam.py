@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
-from .. import _threads
+from .. import _plan, _threads
 from .. import functional as _F
 from .._validate import check_grad_scale, check_hyper
 from ..functional import plan_sparse_adam
+from ..optim import precision_defaults
 from . import _fast
 from . import _views as V
 from ._state import load_checked, resolve_fused
@@ -64,9 +65,14 @@ class Adam(Stepper, Optimizer):
     gradient change, with ``torch.optim.SparseAdam``'s arithmetic (see
     the README), so one optimizer replaces torch's Adam + SparseAdam pair.
 
-    Supported: CPU float32/float64 (and complex64/complex128 as real pairs, as
-    torch does); ``capturable`` and ``differentiable`` are not (ValueError);
-    float16/bfloat16 raise TypeError.
+    Supported: CPU float32/float64/bfloat16/float16 (and complex64/complex128
+    as real pairs, as torch does; bfloat16 needs ``ml_dtypes``); all-bfloat16
+    and all-float16 steps equal torch fused on that dtype bit for bit.
+    ``capturable`` and ``differentiable`` are not (ValueError). Extra
+    keywords (group keys, kept in ``state_dict``): ``state_dtype`` (e.g.
+    ``torch.bfloat16`` or ``"bf16"`` moments for float32 parameters),
+    ``stochastic_rounding`` and ``seed`` (bfloat16 params/state rounded
+    stochastically; see :class:`fastadam.Adam`).
     """
 
     _decoupled_default = False
@@ -74,7 +80,7 @@ class Adam(Stepper, Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 n_threads=None):
+                 n_threads=None, state_dtype=None, stochastic_rounding=False, seed=None):
         V.check_torch_hyper(lr, betas, eps, weight_decay)
         if capturable:
             raise ValueError(f"{type(self).__name__}: capturable=True (CUDA graph capture) is "
@@ -92,6 +98,7 @@ class Adam(Stepper, Optimizer):
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
+        defaults.update(precision_defaults(state_dtype, stochastic_rounding, seed))
         self._init_lock()
         self._fa_fast = {}
         self._fa_dups = {}
@@ -155,11 +162,19 @@ class Adam(Stepper, Optimizer):
             load_checked(self, super().load_state_dict, state_dict, sparse=False)
             for group in self.param_groups:
                 resolve_fused(group)
+                # torch's load casts state to the parameter's dtype: back to the group's
+                for p in group["params"] if group.get("state_dtype") else ():
+                    st = self.state.get(p)
+                    sdt = V.state_dtype(p, group["state_dtype"])
+                    for k in _KEYS_AMS if st else ():
+                        if k in st and st[k].dtype != sdt:
+                            st[k] = st[k].to(sdt)
 
     # -- the step ---------------------------------------------------------
-    def _new_state(self, p, amsgrad):
+    def _new_state(self, p, amsgrad, group=None):
         st = {"step": torch.tensor(0.0, dtype=V.scalar_dtype())}
-        st.update(V.new_state(p, _KEYS_AMS if amsgrad else _KEYS))
+        sdt = V.state_dtype(p, None if group is None else group.get("state_dtype"))
+        st.update(V.new_state(p, _KEYS_AMS if amsgrad else _KEYS, sdt))
         return st
 
     def _gather_group(self, gi, group):
@@ -188,9 +203,9 @@ class Adam(Stepper, Optimizer):
                                  "fastadam steps CPU tensors only")
             state = self.state[p]
             if len(state) == 0:
-                state.update(self._new_state(p, amsgrad))
+                state.update(self._new_state(p, amsgrad, group))
             elif amsgrad and "max_exp_avg_sq" not in state:
-                state.update(V.new_state(p, ("max_exp_avg_sq",)))
+                state.update(V.new_state(p, ("max_exp_avg_sq",), state["exp_avg_sq"].dtype))
             step_view = V.step_view(state, where)   # converts an int/float step to a tensor
             if g.is_sparse:
                 ops = V.sparse_operands(cls, p, g, where)
@@ -206,7 +221,8 @@ class Adam(Stepper, Optimizer):
                 raise TypeError(f"{cls}: the gradient of {where} is {g.dtype} {tuple(g.shape)}, "
                                 f"the parameter is {p.dtype} {tuple(p.shape)}")
             V.check_state(cls, state, keys, p, where,
-                          " (load_state_dict from another model?)")
+                          " (load_state_dict from another model?)",
+                          V.state_dtype(p, group.get("state_dtype")))
             sts = [state[k] for k in keys]
             if p.is_contiguous() and g.is_contiguous() and all(t.is_contiguous() for t in sts):
                 pv, gv, tv = p, g, sts
@@ -250,8 +266,8 @@ class Adam(Stepper, Optimizer):
         n_threads = self.n_threads
         if gs_val is not None:
             check_grad_scale(gs_val)   # the sparse path divides by it
-        for group, (ps, gs, ms, vs, vmaxs, states, labels, tparams, copy_back,
-                    sparse) in zip(groups, gathered):
+        for gi, (group, (ps, gs, ms, vs, vmaxs, states, labels, tparams, copy_back,
+                         sparse)) in enumerate(zip(groups, gathered)):
             lr = _num(group["lr"])
             b1, b2 = group["betas"]
             betas = (_num(b1), _num(b2))
@@ -267,7 +283,9 @@ class Adam(Stepper, Optimizer):
                     weight_decay=group["weight_decay"],
                     decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
                     max_exp_avg_sqs=vmaxs if amsgrad else None, maximize=group["maximize"],
-                    grad_scale=gs_val, n_threads=n_threads, labels=labels)
+                    grad_scale=gs_val, n_threads=n_threads, labels=labels,
+                    stochastic_rounding=group.get("stochastic_rounding", False),
+                    seed=_plan.array_seed(group.get("seed", 0), 2**32 + gi))
             for _p, state, sv, (table, ids, vals) in sparse:
                 if gs_val is not None:
                     vals = vals / gs_val
@@ -377,11 +395,14 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, n_threads=None):
+                 differentiable=False, fused=None, n_threads=None, state_dtype=None,
+                 stochastic_rounding=False, seed=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, n_threads=n_threads)
+                         decoupled_weight_decay=True, n_threads=n_threads,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                         seed=seed)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -91,6 +91,9 @@ COMBOS = {
     "64": ("float64", "float64", "float64"),
     # float32 params, bfloat16 moments (DeepSpeed's bf16 optimizer states)
     "32_bf16s": ("float32", "float32", "bfloat16"),
+    # bfloat16 params (embedding tables) and moments with float32 gradients
+    # (the sparse path sums gradient rows in float32; bf16 rows are widened first)
+    "bf16_32g": ("bfloat16", "float32", "bfloat16"),
 }
 
 # The ops every combination has (one compiled function each).

@@ -271,18 +271,18 @@ def sparse_adam(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr
     ``exp_avg_sq`` of shape (n_rows,) is the row-wise variant: v per row from
     the mean of g*g. ``row_step`` (int64, n_rows): per-row step counts.
     """
-    dt = table.dtype
+    dt = compute_dtype(table.dtype)       # 16-bit rows: float32 arithmetic, RNE stores
     b1, b2 = betas
-    ids, g = sparse_merge(indices, grad_rows)
+    ids, g = sparse_merge(indices, np.asarray(grad_rows).astype(dt))
     if ids.size == 0:
         return
     g = g.astype(dt, copy=False)
     if maximize:
         g = -g
     rowwise = exp_avg_sq.ndim == 1
-    p = table[ids]
-    m = exp_avg[ids]
-    v = exp_avg_sq[ids]
+    p = table[ids].astype(dt)
+    m = exp_avg[ids].astype(dt)
+    v = exp_avg_sq[ids].astype(dt)
     if row_step is not None:
         t = row_step[ids] + 1
         row_step[ids] = t
@@ -302,14 +302,14 @@ def sparse_adam(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr
     else:
         v = v + (g * g - v) * _fl(dt, 1.0 - b2)
     if amsgrad:
-        u = _vmax(max_exp_avg_sq[ids], v)
-        max_exp_avg_sq[ids] = u
+        u = _vmax(max_exp_avg_sq[ids].astype(dt), v)
+        max_exp_avg_sq[ids] = round_rne(u, max_exp_avg_sq.dtype)
     else:
         u = v
     denom = np.sqrt(u) + _fl(dt, eps)
     if rowwise:
         denom = denom[:, None]
     p = p + neg_step_size * (m / denom)
-    table[ids] = p
-    exp_avg[ids] = m
-    exp_avg_sq[ids] = v
+    table[ids] = round_rne(p, table.dtype)
+    exp_avg[ids] = round_rne(m, exp_avg.dtype)
+    exp_avg_sq[ids] = round_rne(v, exp_avg_sq.dtype)

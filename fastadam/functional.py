@@ -594,6 +594,8 @@ _I32 = np.dtype(np.int32)
 _I64 = np.dtype(np.int64)
 _SPARSE_OUT_NAMES = ("table", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "row_step")
 _SPARSE_BAD_ID = 1
+# 16-bit dtypes of gradient rows, widened to float32 before the sparse kernel
+_ROWS16 = tuple(dt for name, dt in _plan.DTYPES.items() if name in ("bfloat16", "float16"))
 
 
 def sparse_adam_step(table: Array, indices: Array, grad_rows: Array, exp_avg: Array,
@@ -613,8 +615,10 @@ def sparse_adam_step(table: Array, indices: Array, grad_rows: Array, exp_avg: Ar
     Parameters
     ----------
     table : ndarray, shape (n_rows, dim)
-        float32 or float64, C-contiguous, writable (``np.memmap`` works: only
-        touched rows are read or written).
+        float32, float64 or ``ml_dtypes.bfloat16``, C-contiguous, writable
+        (``np.memmap`` works: only touched rows are read or written). float32
+        tables may keep bfloat16 state (``exp_avg``...), bfloat16 tables keep
+        bfloat16 state; 16-bit ``grad_rows`` are widened to float32 first.
     indices : ndarray, shape (k,)
         int32 or int64 row ids in ``[0, n_rows)``, any order, duplicates
         allowed (other integer dtypes are converted). May be read-only.
@@ -765,6 +769,9 @@ def _plan_sparse(table, indices, grad_rows, exp_avg, exp_avg_sq, step, lr, betas
     kernel's merge checks it before writing); returns the plan (empty for an
     empty batch)."""
     _check_flags(decoupled_weight_decay, amsgrad, maximize)
+    if isinstance(grad_rows, np.ndarray) and grad_rows.dtype in _ROWS16:
+        # 16-bit gradient rows: summed in float32 by the kernel (a batch-sized copy)
+        grad_rows = grad_rows.astype(np.float32)
     fast = -1
     if not amsgrad and row_step is None:
         # one native check of the usual call (elementwise, no extension); any

@@ -632,7 +632,7 @@ class SparseAdam(_Locked):
                  rowwise: bool = False, per_row_step: bool = False,
                  exp_avg: Optional[Array] = None, exp_avg_sq: Optional[Array] = None,
                  max_exp_avg_sq: Optional[Array] = None, row_step: Optional[Array] = None,
-                 n_threads: Optional[int] = None) -> None:
+                 n_threads: Optional[int] = None, state_dtype: Any = None) -> None:
         check_buffer("table", table)
         if table.ndim != 2:
             raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
@@ -649,6 +649,9 @@ class SparseAdam(_Locked):
                    amsgrad=check_bool(amsgrad, "amsgrad"), rowwise=check_bool(rowwise, "rowwise"),
                    per_row_step=check_bool(per_row_step, "per_row_step"))
         group.update(ext)
+        if state_dtype is not None:      # e.g. "bf16" rows of state (a group key when set)
+            group["state_dtype"] = _plan.state_dtype_name(state_dtype)
+            _plan.state_dtype(table.dtype, group["state_dtype"], op="sparse_adam")
         self.param_groups = [group]
         self.state = {}
         supplied = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
@@ -675,7 +678,8 @@ class SparseAdam(_Locked):
     def _new_state(self):
         g = self.param_groups[0]
         t = self.table
-        st = new_state(t.shape, _plan.state_dtype(t.dtype, op="sparse_adam"), g["amsgrad"],
+        st = new_state(t.shape, _plan.state_dtype(t.dtype, g.get("state_dtype"),
+                                                  op="sparse_adam"), g["amsgrad"],
                        self._vshape())
         if g["per_row_step"]:
             st["row_step"] = np.zeros(t.shape[0], np.int64)
@@ -728,6 +732,8 @@ class SparseAdam(_Locked):
         gd = {"lr": g["lr"], "betas": g["betas"], "eps": g["eps"], "maximize": g["maximize"]}
         if any(g[k] != d for k, d in self._EXT):
             gd.update({k: g[k] for k, _ in self._EXT})
+        if g.get("state_dtype") is not None:
+            gd["state_dtype"] = g["state_dtype"]
         gd["params"] = [0]
         state = {0: dict(self.state)} if self.state else {}
         return {"state": state, "param_groups": [gd]}
@@ -790,6 +796,10 @@ class SparseAdam(_Locked):
             new_group[k] = check_bool(v, f"param group '{k}'") if type(d) is bool else v
         check_hyper(new_group["lr"], new_group["betas"], new_group["eps"],
                     new_group["weight_decay"])
+        sdt_name = _check_precision("param group: ", {"state_dtype": sg.get(
+            "state_dtype", self.param_groups[0].get("state_dtype"))})["state_dtype"]
+        if sdt_name is not None:
+            new_group["state_dtype"] = sdt_name
         states = state_dict.get("state", {})
         if not isinstance(states, dict):
             raise TypeError("state_dict['state'] must be a dict")
@@ -814,7 +824,7 @@ class SparseAdam(_Locked):
             raise ValueError(f"state dict has keys {unknown} that the options do not use")
         n_rows = self.table.shape[0]
         vshape = (n_rows,) if new_group["rowwise"] else self.table.shape
-        sdt = _plan.state_dtype(self.table.dtype, op="sparse_adam")
+        sdt = _plan.state_dtype(self.table.dtype, new_group.get("state_dtype"), op="sparse_adam")
         ns: dict[str, Any] = {"step": step}
         fresh = {}
         for key in need:          # validate (and convert) everything before copying anything

@@ -70,10 +70,24 @@ def _torch_fused_adamw(params, lr, weight_decay):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def _fastadam_adamw_with(**options):
+    """A factory of fastadam AdamW with extra keywords (state_dtype, stochastic_rounding...)."""
+    def make(params, lr, weight_decay):
+        return _fastadam_adamw(params, lr, weight_decay, **options)
+    return make
+
+
 # name -> Config. The low-precision and 8-bit state configs are added here.
 CONFIGS: dict[str, Config] = {
     "float32": Config("fastadam AdamW, float32", "float32", _fastadam_adamw),
     "torch-fused": Config("torch AdamW(fused=True), float32", "float32", _torch_fused_adamw),
+    # issue 12: 16-bit moments, all-bf16 with nearest and stochastic rounding
+    "bf16-moments": Config("fastadam AdamW, float32 params + bf16 moments", "float32",
+                           _fastadam_adamw_with(state_dtype="bf16")),
+    "bf16-nearest": Config("fastadam AdamW, all-bf16 (round to nearest)", "bfloat16",
+                           _fastadam_adamw),
+    "bf16-stochastic": Config("fastadam AdamW, all-bf16 (stochastic rounding)", "bfloat16",
+                              _fastadam_adamw_with(stochastic_rounding=True, seed=0)),
 }
 
 

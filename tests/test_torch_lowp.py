@@ -26,6 +26,15 @@ def _grads(ps, t, scale=1.0):
     return [(torch.randn(p.shape, generator=g) * scale).to(p.dtype) for p in ps]
 
 
+def _run(opt, ps, steps):
+    """Step ``opt`` over ``ps`` with the gradients of ``steps``; returns ``opt``."""
+    for t in steps:
+        for p, g in zip(ps, _grads(ps, t)):
+            p.grad = g
+        opt.step()
+    return opt
+
+
 def _same(a, b):
     return torch.equal(a.detach().view(torch.int16) if a.dtype.itemsize == 2 else a.detach(),
                        b.detach().view(torch.int16) if b.dtype.itemsize == 2 else b.detach())
@@ -81,11 +90,7 @@ def test_state_dtype_bf16_equals_the_numpy_optimizer():
 
 def test_checkpoints_keep_the_state_dtype_and_cross_to_torch(tmp_path):
     ps = _params(torch.float32)
-    opt = Adam(ps, lr=1e-2, state_dtype="bf16")
-    for t in (1, 2):
-        for p, g in zip(ps, _grads(ps, t)):
-            p.grad = g
-        opt.step()
+    opt = _run(Adam(ps, lr=1e-2, state_dtype="bf16"), ps, (1, 2))
     f = os.fspath(tmp_path / "c.npz")
     fa.save(opt.state_dict(), f)
     # back into fastadam.torch (numpy layout and torch layout): still bf16, same bits
@@ -110,11 +115,7 @@ def test_bf16_checkpoint_from_torch_continues_bitwise(tmp_path):
     """torch.optim.Adam(fused) on bf16 params -> fastadam.save -> fastadam.torch
     continues exactly as torch would have."""
     ps, qs = _params(torch.bfloat16), _params(torch.bfloat16)
-    topt = torch.optim.Adam(ps, lr=1e-2, fused=True)
-    for t in (1, 2):
-        for p, g in zip(ps, _grads(ps, t)):
-            p.grad = g
-        topt.step()
+    topt = _run(torch.optim.Adam(ps, lr=1e-2, fused=True), ps, (1, 2))
     f = os.fspath(tmp_path / "t.npz")
     fa.save(topt.state_dict(), f)
     for q, p in zip(qs, ps):

@@ -105,12 +105,12 @@ def adam_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, s
     seed : int
         The stochastic-rounding seed (an int in ``[0, 2**64)``).
 
+    Notes
+    -----
     Arithmetic is float32 for 16-bit buffers (widened exactly on load,
     rounded once on store); all-bfloat16 and all-float16 steps equal
     ``torch.optim.Adam(fused=True)`` on that dtype bit for bit.
 
-    Notes
-    -----
     With t = ``step``, ``bc1 = 1 - b1**t``, ``bc2 = 1 - b2**t``, per element::
 
         g = -g if maximize;  g = g / grad_scale

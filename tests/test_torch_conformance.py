@@ -23,7 +23,8 @@ def test_rejected_param_group_is_not_added(cls):
     p = torch.nn.Parameter(torch.zeros(4, 16))
     opt = cls([p], lr=1e-2)
     with pytest.raises(TypeError, match="float8_e5m2"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, dtype=torch.float8_e5m2))]})
+        opt.add_param_group({"params": [
+            torch.nn.Parameter(torch.zeros(4, dtype=torch.float8_e5m2))]})
     with pytest.raises(TypeError, match="int32"):
         opt.add_param_group({"params": [torch.zeros(3, dtype=torch.int32)]})
     assert len(opt.param_groups) == 1

@@ -164,9 +164,9 @@ class Adam(Stepper, Optimizer):
                 resolve_fused(group)
                 # torch's load casts state to the parameter's dtype: back to the group's
                 for p in group["params"] if group.get("state_dtype") else ():
-                    st = self.state.get(p)
+                    st = self.state.get(p) or {}
                     sdt = V.state_dtype(p, group["state_dtype"])
-                    for k in _KEYS_AMS if st else ():
+                    for k in _KEYS_AMS:
                         if k in st and st[k].dtype != sdt:
                             st[k] = st[k].to(sdt)
 

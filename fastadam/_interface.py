@@ -82,7 +82,7 @@ COMBOS = {
 }
 
 # The ops every combination has (one compiled function each).
-OPS = ("adam", "adam_multi", "sparse_adam")
+OPS = ("adam", "adam_multi", "sparse_adam", "sparse_adam_catchup")
 
 # (op, param dtype, grad dtype, state dtype) -> compiled name, e.g. "adam32"
 KERNELS = {(op,) + combo: op + sfx for op in OPS for sfx, combo in COMBOS.items()}
@@ -99,6 +99,10 @@ SIGNATURES = {
                    "offsets", "neg_step_sizes", "bc2_sqrts"),
     "sparse_adam": ("table", "indices", "grad_rows", "exp_avg", "exp_avg_sq",
                     "max_exp_avg_sq", "row_step"),
+    # the dense-equivalent sparse step: last_step int64 (n_rows,), history
+    # float64 (step + 1, 5) (see _sparse.pxi.tp, "catch-up")
+    "sparse_adam_catchup": ("table", "indices", "grad_rows", "exp_avg", "exp_avg_sq",
+                            "max_exp_avg_sq", "last_step", "history"),
 }
 TRAILING = ("args", "flags", "n_threads")
 

@@ -10,6 +10,10 @@ from fastadam.functional import CatchUpHistory, sparse_adam_catch_up, sparse_ada
 torch = pytest.importorskip("torch")
 
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+# Elements where the gap's updates cancel most of p (|p| << the movement)
+# carry torch's own rounding noise (per-step float32 sums over 150 steps:
+# ~4e-7 here, lr up to 2e-2 on a N(0, 1) table) in absolute terms: ATOL.
+ATOL = {np.float32: 1e-6, np.float64: 1e-13}
 
 
 def _schedule(n, kind):
@@ -68,7 +72,7 @@ def _run(dtype, kind, amsgrad, wd, n_threads, n_rows=40, dim=19, n_steps=210, se
             u = np.unique(ids)
             st = opt.state[tp]
             np.testing.assert_allclose(table[u], tp.detach().numpy()[u], rtol=RTOL[dtype],
-                                       atol=RTOL[dtype] * 1e-2)
+                                       atol=ATOL[dtype])
             np.testing.assert_allclose(m[u], st["exp_avg"].numpy()[u], rtol=RTOL[dtype] * 10,
                                        atol=1e-30)
             checked += 1
@@ -79,7 +83,7 @@ def _run(dtype, kind, amsgrad, wd, n_threads, n_rows=40, dim=19, n_steps=210, se
     assert (last == n_steps).all() and (before < n_steps).any()
     st = opt.state[tp]
     ref = tp.detach().numpy()
-    np.testing.assert_allclose(table, ref, rtol=RTOL[dtype], atol=RTOL[dtype] * 1e-2)
+    np.testing.assert_allclose(table, ref, rtol=RTOL[dtype], atol=ATOL[dtype])
     np.testing.assert_allclose(m, st["exp_avg"].numpy(), rtol=RTOL[dtype] * 10, atol=1e-30)
     np.testing.assert_allclose(v, st["exp_avg_sq"].numpy(), rtol=RTOL[dtype] * 10, atol=1e-30)
     assert not np.allclose(table, p0)           # the rows did move

@@ -795,11 +795,23 @@ class CatchUpHistory:
                                                                       weight_decay)
         self.step = 0
         self._rows = np.zeros((16, 5), np.float64)
+        self._lrs = np.zeros(16, np.float64)
 
     @property
     def table(self) -> Array:
         """The record through the current step: ``(step + 1, 5)`` float64 (a view)."""
         return self._rows[: self.step + 1]
+
+    @property
+    def lrs(self) -> Array:
+        """The lr of every step so far (``lrs[t - 1]``: step t), a float64 view."""
+        return self._lrs[: self.step]
+
+    def truncate(self, step: int) -> None:
+        """Forget the steps after ``step`` (an optimizer undoing a rejected step)."""
+        if not 0 <= step <= self.step:
+            raise ValueError(f"step must be in [0, {self.step}], got {step}")
+        self.step = step
 
     def append(self, lr: Real) -> None:
         """Record the next step's ``lr`` (call once per step, before the step)."""
@@ -812,6 +824,10 @@ class CatchUpHistory:
             grown = np.zeros((2 * self._rows.shape[0], 5), np.float64)
             grown[: t] = self._rows[: t]
             self._rows = grown
+            lrs = np.zeros(grown.shape[0], np.float64)
+            lrs[: t - 1] = self._lrs[: t - 1]
+            self._lrs = lrs
+        self._lrs[t - 1] = lr
         prev = self._rows[t - 1]
         row = self._rows[t]
         row[0] = lr / (1.0 - self.beta1 ** t)
@@ -821,12 +837,6 @@ class CatchUpHistory:
         row[4] = max(prev[4], lr)
         self.step = t
 
-    def lr_at(self, step: int) -> float:
-        """The lr recorded for ``step`` (1-based)."""
-        if not 1 <= step <= self.step:
-            raise ValueError(f"step must be in [1, {self.step}], got {step}")
-        return float((1.0 - self._rows[step, 2]) / self.weight_decay) \
-            if self.weight_decay else float(self._rows[step, 0] * (1.0 - self.beta1 ** step))
 
 
 def sparse_adam_catchup_step(table: Array, indices: Array, grad_rows: Array, exp_avg: Array,

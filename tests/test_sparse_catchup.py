@@ -165,3 +165,46 @@ def test_bad_input_writes_nothing():
     for a, b in zip(arrays, before):
         assert a.tobytes() == b.tobytes()
     assert h.step == 1 and F.CatchUpHistory is CatchUpHistory
+
+
+def test_sparse_adam_class_dense_equivalent_matches_torch_and_checkpoints():
+    import fastadam as fa
+    rng = np.random.default_rng(5)
+    n_rows, dim = 30, 5
+    p0 = rng.standard_normal((n_rows, dim)).astype(np.float64)
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    topt = torch.optim.AdamW([tp], lr=1e-2, weight_decay=0.1, fused=True)
+    table = p0.copy()
+    opt = fa.SparseAdam(table, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True,
+                        dense_equivalent=True)
+    for t in range(1, 61):
+        ids = rng.integers(0, n_rows, 4) if t % 7 else np.zeros(0, np.int64)
+        g = rng.standard_normal((ids.size, dim))
+        lr = 1e-2 * (0.97 ** t)
+        opt.param_groups[0]["lr"] = lr
+        topt.param_groups[0]["lr"] = lr
+        dense = np.zeros_like(table)
+        np.add.at(dense, ids, g)
+        tp.grad = torch.from_numpy(dense)
+        topt.step()
+        opt.step(ids, g)
+        if t == 30:      # a checkpoint round trip mid-run (the history is rebuilt)
+            sd = {"state": {0: {k: (np.array(v) if isinstance(v, np.ndarray) else v)
+                                for k, v in opt.state_dict()["state"][0].items()}},
+                  "param_groups": opt.state_dict()["param_groups"]}
+            opt2 = fa.SparseAdam(table, dense_equivalent=True, decoupled_weight_decay=True)
+            opt2.load_state_dict(sd)
+            assert opt2.state["lr_history"].shape == (30,)
+            opt = opt2
+    opt.catch_up()
+    assert (opt.state["last_step"] == 60).all()
+    np.testing.assert_allclose(table, tp.detach().numpy(), rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="decoupled"):
+        fa.SparseAdam(table, weight_decay=0.1, dense_equivalent=True)
+    with pytest.raises(ValueError, match="rowwise"):
+        fa.SparseAdam(table, rowwise=True, dense_equivalent=True)
+    before = table.copy(), opt.state["last_step"].copy(), opt.state["step"]
+    with pytest.raises(IndexError):
+        opt.step(np.array([n_rows]), np.ones((1, dim)))
+    assert table.tobytes() == before[0].tobytes()
+    assert opt.state["step"] == before[2] and opt._history(opt.state).step == before[2]

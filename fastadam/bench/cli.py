@@ -126,6 +126,11 @@ def build_parser():
                     default=None, metavar="SMALL,LARGE",
                     help="soak scenario: steps on small and on large arrays "
                          "(default 10**5,10**3)")
+    ap.add_argument("--sparse-scale", type=_csv, default=None,
+                    help="sparse-scale scenario: " + ", ".join(S.SCALE_CONFIGS)
+                    + " (default: ram,memmap)")
+    ap.add_argument("--scale-dir", default=None, metavar="DIR",
+                    help="sparse-scale: folder of the memmap files (default: the temp folder)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
     ap.add_argument("--target-ms", type=float, default=None,
                     help="length of one timed sample (calls are batched up to this)")
@@ -263,6 +268,11 @@ class Run:
         else:
             self.peers = None
         self.soak_steps = args.soak_steps or (10**5, 10**3)
+        self.sparse_scale = args.sparse_scale or ["ram", "memmap"]
+        bad = [c for c in self.sparse_scale if c not in S.SCALE_CONFIGS]
+        if bad:
+            raise SystemExit(f"--sparse-scale: unknown {bad}; use {','.join(S.SCALE_CONFIGS)}")
+        self.scale_dir = args.scale_dir
         self.scenarios = args.scenario or default_scenarios
         bad = [s for s in self.scenarios if s not in S.SCENARIOS]
         if bad:

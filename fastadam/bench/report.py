@@ -345,6 +345,19 @@ def tables(result):
                                          else ")"),
                     _table(["impl", "ms/step", "min-max", "ns/touched elem", "% of bound",
                             f"vs {tname}", "vs 1 thread", "merge share"], rows)))
+    # sparse at scale
+    sc = [r for r in recs if r["scenario"] == "sparse-scale"]
+    if sc:
+        rows = [[r["config"], f"{r['rows']:,} x {r['dim']}", r["where"],
+                 f"{r['table_bytes'] / 1e9:.1f} GB", r["threads"], f"{r['ms_per_step']:.2f}",
+                 f"{r['touched_rows_per_s'] / 1e6:.2f}M",
+                 f"{r['rss_growth_bytes'] / 2**20:.0f} MiB",
+                 f"{r['tracemalloc_peak_bytes'] / 2**20:.1f} MiB"] for r in sc]
+        out.append((f"Sparse at scale: {sc[0]['batch']} Zipf({sc[0]['zipf']}) ids per step, a "
+                    "stream of batches (RSS growth over the timed steps: the touched rows' "
+                    "pages; tracemalloc: Python-side allocations per step)",
+                    _table(["config", "table", "where", "table + state", "threads", "ms/step",
+                            "touched rows/s", "RSS growth", "tracemalloc peak"], rows)))
     # torch-level sparse
     ts = [r for r in recs if r["scenario"] == "torch-sparse"]
     for key in sorted({tuple(r[k] for k in GROUP_KEYS["torch-sparse"]) for r in ts}):

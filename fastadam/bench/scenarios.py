@@ -30,6 +30,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -904,8 +905,107 @@ def soak_scenario(run):
 
 
 # --------------------------------------------------------------------------
+# sparse at scale: a 10M x 128 table in RAM, a memmap table beyond RAM
+# --------------------------------------------------------------------------
 
-ON_REQUEST = ("soak",)   # never in a mode's default list: run with --scenario soak
+SCALE_CONFIGS = {
+    # name: (rows, dim, where); the memmap's table + state (3 x 10.2 GB float32)
+    # exceed this machine's 23 GB of RAM
+    "ram": (10_000_000, 128, "ram"),
+    "memmap": (20_000_000, 128, "memmap"),
+    "small-memmap": (200_000, 16, "memmap"),     # seconds: tests, CI
+}
+SCALE_BATCH, SCALE_ZIPF, SCALE_BATCHES = 16384, 1.1, 32
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _scale_arrays(name, rows, dim, folder):
+    """The table and its state: in RAM (the table filled, the state np.zeros:
+    pages appear as rows are touched, as fastadam.SparseAdam allocates it) or
+    three sparse files (unwritten rows cost no disk) mapped with np.memmap."""
+    if name == "ram":
+        table = np.empty((rows, dim), np.float32)
+        block = np.random.default_rng(0).standard_normal((4096, dim)).astype(np.float32)
+        for lo in range(0, rows, 4096):
+            table[lo: lo + 4096] = block[: min(4096, rows - lo)]
+        return table, np.zeros_like(table), np.zeros_like(table), []
+    paths = []
+    arrays = []
+    for what in ("table", "exp_avg", "exp_avg_sq"):
+        path = os.path.join(folder, f"fastadam-scale-{os.getpid()}-{what}.bin")
+        with open(path, "wb") as fh:
+            fh.truncate(rows * dim * 4)
+        paths.append(path)
+        arrays.append(np.memmap(path, dtype=np.float32, mode="r+", shape=(rows, dim)))
+    return arrays[0], arrays[1], arrays[2], paths
+
+
+def sparse_scale(run):
+    """``sparse-scale`` (on request): steps on a 10M x 128 table in RAM and on an
+    np.memmap table + state beyond RAM; touched rows per second, RSS growth
+    over the timed steps and tracemalloc's peak per step (both O(batch))."""
+    import tempfile
+    import tracemalloc
+
+    import fastadam as fa
+    out = []
+    rng = np.random.default_rng(1)
+    folder = run.scale_dir or tempfile.gettempdir()
+    for name in run.sparse_scale:
+        rows, dim, where = SCALE_CONFIGS[name]
+        run.progress.update(f"sparse-scale {name} {rows:,}x{dim}")
+        table, m, v, paths = _scale_arrays(name, rows, dim, folder)
+        try:
+            batches = [(zipf_ids(rng, rows, SCALE_BATCH, SCALE_ZIPF),
+                        rng.standard_normal((SCALE_BATCH, dim)).astype(np.float32))
+                       for _ in range(SCALE_BATCHES)]
+            uniq = [np.unique(i).size for i, _ in batches]
+            for t in run.threads:
+                step = 0
+                for i, g in batches:            # warm-up: a first pass over the stream
+                    step += 1
+                    fa.sparse_adam_step(table, i, g, m, v, step=step, n_threads=t)
+                rss0 = _rss()
+                times = []
+                tracemalloc.start()
+                for r in range(3):
+                    for i, g in batches:
+                        step += 1
+                        t0 = time.perf_counter()
+                        fa.sparse_adam_step(table, i, g, m, v, step=step, n_threads=t)
+                        times.append(time.perf_counter() - t0)
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                med = float(np.median(times))
+                out.append({"scenario": "sparse-scale", "impl": "fastadam", "config": name,
+                            "where": where, "rows": rows, "dim": dim, "batch": SCALE_BATCH,
+                            "zipf": SCALE_ZIPF, "dtype": "float32", "threads": t,
+                            "median_s": med, "min_s": float(np.min(times)),
+                            "max_s": float(np.max(times)), "inner": 1, "repeats": len(times),
+                            "ms_per_step": med * 1e3, "unique_rows": int(np.mean(uniq)),
+                            "touched_rows_per_s": float(np.mean(uniq)) / med,
+                            "table_bytes": rows * dim * 4 * 3,
+                            "rss_growth_bytes": _rss() - rss0,
+                            "tracemalloc_peak_bytes": peak})
+                run.log(f"  sparse-scale {name} t={t}: {med * 1e3:.2f} ms/step, "
+                        f"{np.mean(uniq) / med / 1e6:.2f} M touched rows/s, RSS "
+                        f"+{(_rss() - rss0) / 2**20:.0f} MiB, tracemalloc peak "
+                        f"{peak / 2**20:.1f} MiB")
+        finally:
+            del table, m, v
+            gc.collect()
+            for p in paths:
+                os.unlink(p)
+    return out
+
+
+# --------------------------------------------------------------------------
+
+ON_REQUEST = ("soak", "sparse-scale")   # never in a mode's default list: run with --scenario soak
 
 SCENARIOS = {
     "dense": (dense, dense_steps, "one array, 2**4..2**26 elements, per dtype and thread count"),
@@ -925,6 +1025,9 @@ SCENARIOS = {
             "(FASTADAM_ISA)"),
     "threshold": (threshold, lambda run: len(run.dtypes),
                   "serial vs 2-thread crossover of the dense kernel"),
+    "sparse-scale": (sparse_scale, lambda run: len(run.sparse_scale) * len(run.threads),
+                     "on request only: a 10M x 128 table in RAM and an np.memmap table + state "
+                     "beyond RAM (--sparse-scale ram,memmap, --scale-dir DIR)"),
     "soak": (soak_scenario, lambda run: 2,
              "on request only: RSS and tracemalloc flat over 10**5 small + 10**3 large "
              "steps, optimizers (numpy and torch, dense and sparse) created and destroyed; "

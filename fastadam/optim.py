@@ -227,21 +227,6 @@ class Adam(_Locked):
             st["max_exp_avg_sq"] = np.zeros_like(st["exp_avg_sq"])
         return st["max_exp_avg_sq"]
 
-    def catch_up(self) -> None:
-        """``dense_equivalent``: bring every row up to the current step (the
-        rows not touched since take their missed zero-gradient steps), so the
-        whole table and state equal dense AdamW's. O(n_rows); before reading
-        or exporting the table. A no-op in the other modes."""
-        with self._lock:
-            g = self.param_groups[0]
-            if not g["dense_equivalent"] or not self.state:
-                return
-            st = self.state
-            F.sparse_adam_catch_up(self.table, st["exp_avg"], st["exp_avg_sq"], st["last_step"],
-                                   self._history(st), eps=g["eps"], amsgrad=g["amsgrad"],
-                                   max_exp_avg_sq=st.get("max_exp_avg_sq"),
-                                   maximize=g["maximize"], n_threads=self.n_threads)
-
     def zero_grad(self) -> None:  # numpy grads are owned by the caller
         pass
 

@@ -972,7 +972,7 @@ def sparse_scale(run):
                 rss0 = _rss()
                 times = []
                 tracemalloc.start()
-                for r in range(3):
+                for _ in range(3):
                     for i, g in batches:
                         step += 1
                         t0 = time.perf_counter()

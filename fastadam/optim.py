@@ -12,6 +12,7 @@ embedding table. :mod:`fastadam.checkpoint` (``fastadam.save``/``load``)
 writes such a dict to a ``.npz`` file (no pickle); resuming from it is
 bit-identical. Every ``step`` plans all its kernel calls before running any.
 """
+import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
@@ -37,9 +38,15 @@ __all__ = ["Adam", "AdamW", "SparseAdam", "save", "load", "new_state"]
 
 Array = npt.NDArray[Any]
 StateDict = dict[str, Any]
+# the 16-bit float formats numpy cannot call floating (ml_dtypes.bfloat16)
+_LOWP = tuple(dt for dt in _plan.DTYPES.values() if dt.kind != "f")
 
 _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
-               "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+               "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay",
+               "state_dtype", "stochastic_rounding", "seed")
+# the precision options (issue 12): in a group's dict only when not the default,
+# so a default optimizer's state dict stays torch's
+_PRECISION_DEFAULTS = {"state_dtype": None, "stochastic_rounding": False, "seed": 0}
 
 
 def new_state(shape: tuple[int, ...], dtype: npt.DTypeLike, amsgrad: bool = False,
@@ -84,6 +91,17 @@ class Adam(_Locked):
         As ``torch.optim.Adam`` (defaults identical).
     n_threads : int, optional
         Threads per step (``None``: :func:`fastadam.get_num_threads` at call time).
+    state_dtype : dtype or str, optional
+        The dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` (default:
+        the param's): e.g. ``"bf16"`` or ``ml_dtypes.bfloat16`` for float32
+        params (half the state memory; see docs: Precision). A group key.
+    stochastic_rounding : bool
+        Round bfloat16 params and/or state stochastically (unbiased) instead
+        of to nearest even. A group key.
+    seed : int, optional
+        The stochastic-rounding seed (drawn at random when None and
+        ``stochastic_rounding``); parameter ``i`` (over all groups) draws
+        from ``fastadam._plan.array_seed(seed, i)``. Kept in the state dict.
 
     Notes
     -----
@@ -122,7 +140,8 @@ class Adam(_Locked):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: Optional[float] = None, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: Optional[bool] = None,
-                 n_threads: Optional[int] = None) -> None:
+                 n_threads: Optional[int] = None, state_dtype: Any = None,
+                 stochastic_rounding: bool = False, seed: Optional[int] = None) -> None:
         if weight_decay is None:
             weight_decay = self._defaults_wd
         if decoupled_weight_decay is None:
@@ -135,6 +154,13 @@ class Adam(_Locked):
                              capturable=False, differentiable=False, fused=True,
                              decoupled_weight_decay=check_bool(decoupled_weight_decay,
                                                                "decoupled_weight_decay"))
+        if seed is None and stochastic_rounding is True:
+            seed = secrets.randbits(63)
+        precision = _check_precision("", dict(state_dtype=state_dtype,
+                                              stochastic_rounding=stochastic_rounding,
+                                              seed=0 if seed is None else seed))
+        self.defaults.update({k: v for k, v in precision.items()
+                              if v != _PRECISION_DEFAULTS[k]})
         self.n_threads = n_threads
         self._lock = threading.RLock()
         plist = list(params)
@@ -165,21 +191,34 @@ class Adam(_Locked):
             group.setdefault(k, v)
         group["betas"] = tuple(group["betas"])
         check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        prec = _check_precision("param group: ", {k: group[k] for k in _PRECISION_DEFAULTS
+                                                  if k in group})
+        for k, v in prec.items():
+            group[k] = v
+        sdt = group.get("state_dtype")
+        if sdt is not None:
+            for p in ps:
+                _plan.state_dtype(p.dtype, sdt)
         _no_param_overlap(self._all_params() + ps)
         self.param_groups.append(group)
 
     def _all_params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _init_state(self, p, amsgrad):
-        return new_state(p.shape, _plan.state_dtype(p.dtype), amsgrad)
+    def _init_state(self, p, amsgrad, group=None):
+        sdt = None if group is None else group.get("state_dtype")
+        return new_state(p.shape, _plan.state_dtype(p.dtype, sdt), amsgrad)
 
     # -- the step ---------------------------------------------------------
     def step(self, grads: Sequence[Optional[Array]], *,
-             grad_scale: Optional[float] = None) -> None:
+             grad_scale: Optional[float] = None,
+             param_copies: Optional[Sequence[Optional[Array]]] = None) -> None:
         """Apply one update. ``grads`` aligns with the parameters (all groups, in
         order); a ``None`` entry skips that parameter (as torch skips
         ``grad is None``). ``grad_scale`` divides every gradient (AMP).
+        ``param_copies`` (aligned like ``grads``): a bfloat16/float16 buffer
+        per float32 parameter that receives the updated parameter, rounded to
+        nearest even, in the same pass (within a group: all or none).
         """
         with self._lock:
             grads = list(grads)
@@ -188,6 +227,11 @@ class Adam(_Locked):
                 raise ValueError(f"grads must have {nparams} entries (one per parameter), "
                                  f"got {len(grads)}")
             check_grad_scale(grad_scale)
+            if param_copies is not None:
+                param_copies = list(param_copies)
+                if len(param_copies) != nparams:
+                    raise ValueError(f"param_copies must have {nparams} entries (one per "
+                                     f"parameter), got {len(param_copies)}")
             # Validate every group before writing anything: plan all, then run all.
             plans = []
             k = 0
@@ -200,8 +244,17 @@ class Adam(_Locked):
                 if not pairs:
                     continue
                 ams = group["amsgrad"]
-                sts = [self.state.get(id(p)) or self._init_state(p, ams) for p, _ in pairs]
+                sts = [self.state.get(id(p)) or self._init_state(p, ams, group)
+                       for p, _ in pairs]
                 steps = [st["step"] + 1 for st in sts]
+                copies: Optional[list[Any]] = None
+                if param_copies is not None:
+                    copies = [param_copies[i] for i in labels]
+                    if all(c is None for c in copies):
+                        copies = None
+                    elif any(c is None for c in copies):
+                        raise ValueError("param_copies: within a param group, give a copy "
+                                         "for every parameter with a gradient or for none")
                 plan = F.plan_adam(
                     [p for p, _ in pairs], [g for _, g in pairs],
                     [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
@@ -211,7 +264,9 @@ class Adam(_Locked):
                     max_exp_avg_sqs=[self._vmax(st, p) for st, (p, _) in zip(sts, pairs)]
                     if ams else None,
                     maximize=group["maximize"], grad_scale=grad_scale,
-                    n_threads=self.n_threads, labels=labels)
+                    n_threads=self.n_threads, labels=labels, param_copies=copies,
+                    stochastic_rounding=group.get("stochastic_rounding", False),
+                    seed=group.get("seed", 0))
                 plans.append((plan, pairs, sts, steps, labels))
             if len(plans) > 1:
                 _no_cross_group_alias(plans)
@@ -318,12 +373,14 @@ class Adam(_Locked):
         new_state = {}
         for g, upd in zip(self.param_groups, updates):
             ams = upd.get("amsgrad", g["amsgrad"])
+            sdt = upd.get("state_dtype", g.get("state_dtype"))
             for p in g["params"]:
                 i = order[pos]
                 pos += 1
                 if i not in keys:
                     continue
-                new_state[id(p)] = _check_param_state(f"state {i}", states[keys[i]], p, ams)
+                new_state[id(p)] = _check_param_state(f"state {i}", states[keys[i]], p, ams,
+                                                      sdt)
         return updates, new_state
 
 
@@ -393,6 +450,14 @@ def _check_group(gi, g, sg):
         else:
             v = to_scalar(v)
         upd[k] = v
+    prec = {k: upd.pop(k) for k in _PRECISION_DEFAULTS if k in upd}
+    upd.update(_check_precision(f"param group {gi}: ", prec))
+    if upd.get("state_dtype") is not None:
+        for p in g["params"]:
+            try:
+                _plan.state_dtype(p.dtype, upd["state_dtype"])
+            except TypeError as e:
+                raise TypeError(f"param group {gi}: {e}") from None
     h = {k: upd.get(k, g[k]) for k in ("lr", "betas", "eps", "weight_decay")}
     try:
         check_hyper(h["lr"], h["betas"], h["eps"], h["weight_decay"])
@@ -403,7 +468,30 @@ def _check_group(gi, g, sg):
     return upd
 
 
-def _check_param_state(name, st, p, amsgrad):
+def _check_precision(where, opts):
+    """Validated precision options (any of ``state_dtype``, ``stochastic_rounding``,
+    ``seed``); ``state_dtype`` becomes its interface name (JSON-able)."""
+    out: dict[str, Any] = {}
+    if "state_dtype" in opts:
+        v = opts["state_dtype"]
+        try:
+            out["state_dtype"] = None if v is None else _plan.state_dtype_name(v)
+        except TypeError as e:
+            raise TypeError(f"{where}{e}") from None
+    if "stochastic_rounding" in opts:
+        out["stochastic_rounding"] = check_bool(to_scalar(opts["stochastic_rounding"]),
+                                                f"{where}stochastic_rounding")
+    if "seed" in opts:
+        v = to_scalar(opts["seed"])
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) \
+                or not 0 <= int(v) < 2**64:
+            raise (TypeError if not isinstance(v, (int, np.integer)) else ValueError)(
+                f"{where}seed must be an int in [0, 2**64), got {v!r:.40}")
+        out["seed"] = int(v)
+    return out
+
+
+def _check_param_state(name, st, p, amsgrad, state_dtype=None):
     """A checkpoint's state of parameter ``p``: fresh, validated buffers."""
     if not isinstance(st, dict):
         raise TypeError(f"{name} must be a dict, got {type(st).__name__}")
@@ -416,7 +504,7 @@ def _check_param_state(name, st, p, amsgrad):
         if k not in st:
             raise ValueError(f"{name} lacks '{k}', needed by the group's options")
     ns: dict[str, Any] = {"step": check_state_step(st["step"], f"{name} 'step'")}
-    sdt = _plan.state_dtype(p.dtype)
+    sdt = _plan.state_dtype(p.dtype, state_dtype)
     for k in _STATE_KEYS:
         if k in st:
             ns[k] = _state_array(f"{name} '{k}'", st[k], p.shape, sdt,
@@ -432,19 +520,20 @@ def _state_array(name, val, shape, dtype, nonneg=False, copy=True):
         arr = to_numpy(val)
     except Exception as e:
         raise TypeError(f"{name} is not convertible to a numpy array ({e})") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+    if not isinstance(arr, np.ndarray) or (arr.dtype.kind not in "fiu"
+                                           and arr.dtype not in _LOWP):
         raise TypeError(f"{name} must hold real numbers, got "
                         f"{getattr(arr, 'dtype', type(arr).__name__)}")
     if arr.shape != tuple(shape):
         raise ValueError(f"{name} has shape {arr.shape}, expected {tuple(shape)}")
     dtype = np.dtype(dtype)
-    if dtype.kind == "f":
+    if dtype.kind == "f" or dtype in _LOWP:
         with np.errstate(all="ignore"):
             out = np.array(arr, dtype=dtype, order="C", copy=True if copy else None)
-        if arr.dtype.kind == "f" and arr.dtype.itemsize > dtype.itemsize:
+        if (arr.dtype.kind == "f" or arr.dtype in _LOWP) and arr.dtype.itemsize > dtype.itemsize:
             if np.count_nonzero(np.isinf(out)) != np.count_nonzero(np.isinf(arr)):
                 raise ValueError(f"{name} has values too large for {dtype}")
-        if nonneg and out.size and np.any(out < 0):    # NaN compares False: allowed
+        if nonneg and out.size and np.any(out < np.zeros(1, out.dtype)):   # NaN: allowed
             raise ValueError(f"{name} has negative values (a second moment is >= 0)")
     else:
         if arr.dtype.kind == "f":

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import bound as B
 from . import peers as P
+from . import precision as PR
 from .machine import bound_for
 
 # scenario -> the record fields that, with it, name a group of comparable records
@@ -417,6 +418,7 @@ def tables(result):
                     if cross else
                     f"Serial vs 2-thread crossover, {s['dtype']}: no stable crossover in range",
                     _table(["elements", "1 thread", "2 threads", "t2/t1", "faster"], rows)))
+    out += PR.tables(recs)
     # soak
     for sm in [r for r in recs if r["scenario"] == "soak-summary"]:
         rows = []

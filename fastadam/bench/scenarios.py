@@ -7,7 +7,8 @@ shapes, 148 small tensors, one tensor), ``sparse`` (embedding rows; options:
 pre-merged ids, cycling batches, thread counts), ``torch-sparse`` (skip-gram
 SparseAdam and a mixed Embedding+MLP model at the torch level), ``isa``
 (the ISA modules side by side), ``threshold`` (serial vs 2-thread
-crossover) and, on request only, ``soak`` (memory flat over many steps and
+crossover), ``precision`` (16-bit dtype combinations, :mod:`fastadam.bench.precision`)
+and, on request only, ``soak`` (memory flat over many steps and
 optimizers, :mod:`fastadam.bench.soak`).
 
 Method: every implementation of a case runs in this process on the same
@@ -37,6 +38,7 @@ import numpy as np
 
 from . import bound as B
 from . import peers as P
+from . import precision as PR
 from . import timing
 from .machine import bound_for, note_bound
 
@@ -1005,7 +1007,8 @@ def sparse_scale(run):
 
 # --------------------------------------------------------------------------
 
-ON_REQUEST = ("soak", "sparse-scale")   # never in a mode's default list: run with --scenario soak
+# never in a mode's default list: run with --scenario soak (or sparse-scale)
+ON_REQUEST = ("soak", "sparse-scale")
 
 SCENARIOS = {
     "dense": (dense, dense_steps, "one array, 2**4..2**26 elements, per dtype and thread count"),
@@ -1025,6 +1028,9 @@ SCENARIOS = {
             "(FASTADAM_ISA)"),
     "threshold": (threshold, lambda run: len(run.dtypes),
                   "serial vs 2-thread crossover of the dense kernel"),
+    "precision": (PR.precision, PR.steps,
+                  "16-bit params/grads/moments, bf16 copy-out, stochastic rounding vs torch "
+                  "fused fp32 and bf16/fp16: time, bytes/element, % of bound, state bytes"),
     "sparse-scale": (sparse_scale, lambda run: len(run.sparse_scale) * len(run.threads),
                      "on request only: a 10M x 128 table in RAM and an np.memmap table + state "
                      "beyond RAM (--sparse-scale ram,memmap, --scale-dir DIR)"),

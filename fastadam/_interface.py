@@ -97,7 +97,7 @@ COMBOS = {
 }
 
 # The ops every combination has (one compiled function each).
-OPS = ("adam", "adam_multi", "sparse_adam")
+OPS = ("adam", "adam_multi", "sparse_adam", "sparse_adam_catchup")
 DENSE_OPS = ("adam", "adam_multi")
 
 # Combinations compiled for the dense ops only (suffix -> (param, grad, state)).
@@ -150,6 +150,10 @@ SIGNATURES = {
                    "offsets", "neg_step_sizes", "bc2_sqrts"),
     "sparse_adam": ("table", "indices", "grad_rows", "exp_avg", "exp_avg_sq",
                     "max_exp_avg_sq", "row_step"),
+    # the dense-equivalent sparse step: last_step int64 (n_rows,), history
+    # float64 (step + 1, 5) (see _sparse.pxi.tp, "catch-up")
+    "sparse_adam_catchup": ("table", "indices", "grad_rows", "exp_avg", "exp_avg_sq",
+                            "max_exp_avg_sq", "last_step", "history"),
     "adam_sr": ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "sr_key"),
     "adam_sr_multi": ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
                       "offsets", "neg_step_sizes", "bc2_sqrts", "sr_keys"),

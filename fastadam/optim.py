@@ -589,6 +589,16 @@ class SparseAdam(_Locked):
         Keep one second-moment value per row (state ~1x the table, not 2x).
     per_row_step : bool
         Keep an int64 step count per row, used for that row's bias correction.
+    dense_equivalent : bool
+        Dense Adam/AdamW results at sparse cost (off by default): a touched
+        row first catches up the steps it missed, as dense
+        ``torch.optim.AdamW(fused=True)`` on the whole table would have
+        stepped it with zero gradients (see
+        :func:`fastadam.functional.sparse_adam_catchup_step`); call
+        :meth:`catch_up` before reading untouched rows. Weight decay is
+        decoupled (``decoupled_weight_decay=True``) or 0; ``lr`` may change
+        between steps (each step's lr is recorded and replayed). State:
+        ``last_step`` (int64 per row) and ``lr_history`` (float64 per step).
     exp_avg, exp_avg_sq, max_exp_avg_sq, row_step : ndarray, optional
         Supply the state buffers yourself (e.g. ``np.memmap`` files for
         tables larger than RAM); they are used in place. Otherwise they are
@@ -624,12 +634,13 @@ class SparseAdam(_Locked):
     """
 
     _EXT = (("weight_decay", 0.0), ("decoupled_weight_decay", False), ("amsgrad", False),
-            ("rowwise", False), ("per_row_step", False))
+            ("rowwise", False), ("per_row_step", False), ("dense_equivalent", False))
 
     def __init__(self, table: Array, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, maximize: bool = False, *, weight_decay: float = 0.0,
                  decoupled_weight_decay: bool = False, amsgrad: bool = False,
                  rowwise: bool = False, per_row_step: bool = False,
+                 dense_equivalent: bool = False,
                  exp_avg: Optional[Array] = None, exp_avg_sq: Optional[Array] = None,
                  max_exp_avg_sq: Optional[Array] = None, row_step: Optional[Array] = None,
                  n_threads: Optional[int] = None, state_dtype: Any = None) -> None:
@@ -647,11 +658,15 @@ class SparseAdam(_Locked):
                    decoupled_weight_decay=check_bool(decoupled_weight_decay,
                                                      "decoupled_weight_decay"),
                    amsgrad=check_bool(amsgrad, "amsgrad"), rowwise=check_bool(rowwise, "rowwise"),
-                   per_row_step=check_bool(per_row_step, "per_row_step"))
+                   per_row_step=check_bool(per_row_step, "per_row_step"),
+                   dense_equivalent=check_bool(dense_equivalent, "dense_equivalent"))
+        _check_dense_equivalent(ext)
         group.update(ext)
         if state_dtype is not None:      # e.g. "bf16" rows of state (a group key when set)
             group["state_dtype"] = _plan.state_dtype_name(state_dtype)
             _plan.state_dtype(table.dtype, group["state_dtype"], op="sparse_adam")
+        self._hist: Optional[F.CatchUpHistory] = None
+        self._hist_view: Any = None
         self.param_groups = [group]
         self.state = {}
         supplied = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
@@ -683,7 +698,22 @@ class SparseAdam(_Locked):
                        self._vshape())
         if g["per_row_step"]:
             st["row_step"] = np.zeros(t.shape[0], np.int64)
+        if g["dense_equivalent"]:
+            st["last_step"] = np.zeros(t.shape[0], np.int64)
+            st["lr_history"] = np.zeros(0, np.float64)
         return st
+
+    def _history(self, st):
+        """The catch-up record of ``st`` (rebuilt from ``lr_history`` after a load)."""
+        g = self.param_groups[0]
+        h = self._hist
+        if h is None or st["lr_history"] is not self._hist_view or h.step != st["step"]:
+            h = F.CatchUpHistory(g["betas"], g["weight_decay"])
+            for lr in np.asarray(st["lr_history"]).tolist():
+                h.append(lr)
+            self._hist = h
+            self._hist_view = st["lr_history"]
+        return h
 
     def _check_state(self, st):
         t = self.table
@@ -699,6 +729,8 @@ class SparseAdam(_Locked):
                                      f"{st[key].shape}")
         if "row_step" in st:
             F.check_row_step(st["row_step"], t.shape[0])
+        if "last_step" in st:
+            F.check_row_step(st["last_step"], t.shape[0], "last_step")
 
     # -- the step -----------------------------------------------------------
     def step(self, indices: Array, grad_rows: Array) -> None:
@@ -712,6 +744,22 @@ class SparseAdam(_Locked):
             g = self.param_groups[0]
             st = self.state if self.state else self._new_state()
             t = st["step"] + 1
+            if g["dense_equivalent"]:
+                h = self._history(st)
+                h.append(g["lr"])
+                try:
+                    F.sparse_adam_catchup_step(
+                        self.table, indices, grad_rows, st["exp_avg"], st["exp_avg_sq"],
+                        st["last_step"], h, eps=g["eps"], amsgrad=g["amsgrad"],
+                        max_exp_avg_sq=st.get("max_exp_avg_sq"), maximize=g["maximize"],
+                        n_threads=self.n_threads)
+                except BaseException:
+                    h.truncate(t - 1)
+                    raise
+                st["lr_history"] = self._hist_view = h.lrs
+                st["step"] = t
+                self.state = st
+                return
             F.sparse_adam_step(self.table, indices, grad_rows, st["exp_avg"], st["exp_avg_sq"],
                              step=t, lr=g["lr"], betas=g["betas"], eps=g["eps"],
                              weight_decay=g["weight_decay"],
@@ -721,6 +769,21 @@ class SparseAdam(_Locked):
                              n_threads=self.n_threads)
             st["step"] = t
             self.state = st
+
+    def catch_up(self) -> None:
+        """``dense_equivalent``: bring every row up to the current step (the
+        rows not touched since take their missed zero-gradient steps), so the
+        whole table and state equal dense AdamW's. O(n_rows); before reading
+        or exporting the table. A no-op in the other modes."""
+        with self._lock:
+            g = self.param_groups[0]
+            if not g["dense_equivalent"] or not self.state:
+                return
+            st = self.state
+            F.sparse_adam_catch_up(self.table, st["exp_avg"], st["exp_avg_sq"], st["last_step"],
+                                   self._history(st), eps=g["eps"], amsgrad=g["amsgrad"],
+                                   max_exp_avg_sq=st.get("max_exp_avg_sq"),
+                                   maximize=g["maximize"], n_threads=self.n_threads)
 
     def zero_grad(self) -> None:  # numpy grads are owned by the caller
         pass
@@ -819,6 +882,9 @@ class SparseAdam(_Locked):
             need.append("max_exp_avg_sq")
         if new_group["per_row_step"]:
             need.append("row_step")
+        if new_group["dense_equivalent"]:
+            need += ["last_step", "lr_history"]
+        _check_dense_equivalent(new_group)
         unknown = [k for k in src if k != "step" and k not in need]
         if unknown:
             raise ValueError(f"state dict has keys {unknown} that the options do not use")
@@ -831,9 +897,18 @@ class SparseAdam(_Locked):
             if key not in src:
                 raise ValueError(f"state dict lacks '{key}' needed by the options")
             orig = src[key]
-            if key == "row_step":
-                ns[key] = _state_array("state 'row_step'", src[key], (n_rows,),
+            if key in ("row_step", "last_step"):
+                ns[key] = _state_array(f"state '{key}'", src[key], (n_rows,),
                                        np.int64, nonneg=True, copy=False)
+                if key == "last_step" and ns[key].size and int(ns[key].max()) > step:
+                    raise ValueError(f"state 'last_step' has values above the state's step "
+                                     f"{step}")
+            elif key == "lr_history":
+                ns[key] = _state_array("state 'lr_history'", src[key], (step,), np.float64,
+                                       copy=False)
+                for lr in ns[key].tolist():
+                    check_hyper(lr, new_group["betas"], new_group["eps"],
+                                new_group["weight_decay"])
             else:
                 ns[key] = _state_array(f"state '{key}'", src[key],
                                        self.table.shape if key == "exp_avg" else vshape, sdt,
@@ -842,6 +917,19 @@ class SparseAdam(_Locked):
             fresh[key] = ns[key] is not o and not np.may_share_memory(ns[key], o)
         ns["_fresh"] = fresh
         return new_group, ns
+
+
+def _check_dense_equivalent(group):
+    """The options the dense-equivalent mode supports (dense AdamW/Adam)."""
+    if not group["dense_equivalent"]:
+        return
+    if group["weight_decay"] and not group["decoupled_weight_decay"]:
+        raise ValueError("dense_equivalent=True needs decoupled_weight_decay=True (AdamW) or "
+                         "weight_decay=0: with L2 decay an absent row's gradient is not zero")
+    for k in ("rowwise", "per_row_step"):
+        if group[k]:
+            raise ValueError(f"dense_equivalent=True cannot be combined with {k}=True "
+                             "(dense Adam has neither)")
 
 
 def _to_number(x):

@@ -546,7 +546,7 @@ def test_first_bad_position_reported_with_parallel_merge(n_threads):
     idx, g = make_batch(n_rows, dim, k, np.float64, seed=4)
     for nparts in (1, 2, 3, 8):
         u1, c1 = K.sparse_unique(idx, n_rows, 1)
-        u, c = K.sparse_unique(idx, n_rows, nparts)
+        u, c = K.sparse_unique(idx, n_rows, nparts)  # dim: the bucket layout
         assert dict(zip(u, c)) == dict(zip(u1, c1))
     table, m, v, _, rs = make_sparse_state(n_rows, dim, np.float64, row_step=True)
     before = copies([table, m, v, rs])

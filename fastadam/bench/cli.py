@@ -115,8 +115,10 @@ def build_parser():
                     help="torch scenario models: " + ", ".join(S.TORCH_MODELS))
     ap.add_argument("--sparse-batches", type=_csv, default=None,
                     help="sparse scenario: fixed (the same batch every step: warm rows), "
-                         "cycling (16 batches in turn: cold rows) or both (default: fixed; "
-                         "both in the full run)")
+                         "cycling (a stream of 16 batches in turn: cold rows), busy (the "
+                         "stream with one core kept busy by another process), dense (the "
+                         "dense-equivalent mode vs torch fused AdamW on the whole table); "
+                         "default: fixed; all four in the full run")
     ap.add_argument("--sparse", type=parse_sparse, default=None, metavar="RxDxBxZ",
                     help="sparse workloads ROWSxDIMxBATCHxZIPF, comma separated "
                          "(Zipf 0 = uniform); default 1000000x64x16384x1.1")
@@ -124,6 +126,11 @@ def build_parser():
                     default=None, metavar="SMALL,LARGE",
                     help="soak scenario: steps on small and on large arrays "
                          "(default 10**5,10**3)")
+    ap.add_argument("--sparse-scale", type=_csv, default=None,
+                    help="sparse-scale scenario: " + ", ".join(S.SCALE_CONFIGS)
+                    + " (default: ram,memmap)")
+    ap.add_argument("--scale-dir", default=None, metavar="DIR",
+                    help="sparse-scale: folder of the memmap files (default: the temp folder)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
     ap.add_argument("--target-ms", type=float, default=None,
                     help="length of one timed sample (calls are batched up to this)")
@@ -165,7 +172,7 @@ class Run:
             self.torch_models = ["148x16", "tiny"]
             self.skipgram = (20_000, 32, 1024, 1.0)
             self.mixed = (20_000, 16, 64, 4)
-            self.sparse_batches = ["fixed", "cycling"]
+            self.sparse_batches = ["fixed", "cycling", "dense"]
             self.isa_rounds = 1
             self.precision_sizes, self.precision_models = [2**10], ["tiny"]
             default_scenarios = [s for s in S.SCENARIOS if s not in S.ON_REQUEST]
@@ -206,7 +213,7 @@ class Run:
             # skip-gram: batch 4096 x (window 4 + negatives 5) ids, Zipf(1.0)
             self.skipgram = (1_000_000, 128, 4096 * 9, 1.0)
             self.mixed = (1_000_000, 64, 2048, 20)  # rows, dim, batch, ids per bag
-            self.sparse_batches = ["fixed", "cycling"]
+            self.sparse_batches = ["fixed", "cycling", "busy", "dense"]
             self.isa_rounds = 3
             self.precision_sizes = [2**16, 2**20, 2**26]
             self.precision_models = ["gpt2-small"]
@@ -239,9 +246,10 @@ class Run:
                                  f"{', '.join(S.TORCH_MODELS)}")
             self.torch_models = args.torch_models
         if args.sparse_batches:
-            bad = [b for b in args.sparse_batches if b not in ("fixed", "cycling")]
+            bad = [b for b in args.sparse_batches if b not in S.SPARSE_MODES]
             if bad:
-                raise SystemExit(f"--sparse-batches: unknown {bad}; use fixed,cycling")
+                raise SystemExit(f"--sparse-batches: unknown {bad}; use "
+                                 f"{','.join(S.SPARSE_MODES)}")
             self.sparse_batches = args.sparse_batches
         # --quick keeps its 2-minute budget (no re-measuring; disturbed cells are marked ~)
         self.retries = 1 if self.mode == "full" else 0
@@ -265,6 +273,11 @@ class Run:
         else:
             self.peers = None
         self.soak_steps = args.soak_steps or (10**5, 10**3)
+        self.sparse_scale = args.sparse_scale or ["ram", "memmap"]
+        bad = [c for c in self.sparse_scale if c not in S.SCALE_CONFIGS]
+        if bad:
+            raise SystemExit(f"--sparse-scale: unknown {bad}; use {','.join(S.SCALE_CONFIGS)}")
+        self.scale_dir = args.scale_dir
         self.scenarios = args.scenario or default_scenarios
         bad = [s for s in self.scenarios if s not in S.SCENARIOS]
         if bad:

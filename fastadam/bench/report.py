@@ -26,9 +26,14 @@ GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "overhead": ("dtype", "threads"),
     "many": ("model", "dtype", "threads"),
     "torch": ("model", "dtype", "threads"),
-    "sparse": ("rows", "dim", "batch", "zipf", "dtype", "threads"),
+    "sparse": ("rows", "dim", "batch", "zipf", "dtype", "threads", "mode"),
     "torch-sparse": ("workload", "dtype", "threads"),
 }
+
+
+# the sparse batch modes' torch peer (the "vs" column)
+SPARSE_TORCH = {"fixed": "torch", "cycling": "torch-cycling", "busy": "torch-cycling",
+                "dense": "torch-fused-dense"}
 
 
 def _is_ours(rec):
@@ -318,23 +323,42 @@ def tables(result):
                                _bars(recs, rs))))
     # sparse
     sp = [r for r in recs if r["scenario"] == "sparse"]
-    for key in sorted({tuple(r[k] for k in GROUP_KEYS["sparse"]) for r in sp}):
-        rs = [r for r in sp if tuple(r[k] for k in GROUP_KEYS["sparse"]) == key]
+    for key in sorted({tuple(r.get(k) for k in GROUP_KEYS["sparse"]) for r in sp},
+                      key=lambda k: tuple(str(x) for x in k)):
+        rs = [r for r in sp if tuple(r.get(k) for k in GROUP_KEYS["sparse"]) == key]
         rs = sorted(rs, key=lambda r: r["median_s"])
+        tname = SPARSE_TORCH.get(key[6] or "fixed", "torch")
         rows = [[r["impl"], ("~" if disturbed(r) else "") + f"{r['ms_per_step']:.3f}",
                  f"{r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f}",
                  f"{r['ns_per_touched_elem']:.2f}", B.fmt_pct(r),
-                 fmt_vs(r, recs, "torch", 1) if r["impl"] != "torch" else "1x",
+                 fmt_vs(r, recs, tname, 1) if r["impl"] != tname else "1x",
                  f"{r['vs_1_thread']:.2f}x" if "vs_1_thread" in r else "-",
                  f"{100 * r['merge_share']:.0f}%" if "merge_share" in r else ""] for r in rs]
         r0 = rs[0]
-        out.append((f"Sparse: {key[0]:,} rows x {key[1]} dim, batch {key[2]} ids Zipf({key[3]}) "
-                    f"-> {r0['unique_rows']:,} unique rows, {key[4]}, {_thr(key[5])} "
+        mode = {None: "", "fixed": " [one batch repeated]", "cycling": " [batch stream]",
+                "busy": " [batch stream, one core kept busy by another process]",
+                "dense": " [dense-equivalent mode, batch stream]"}.get(key[6], f" [{key[6]}]")
+        out.append((f"Sparse{mode}: {key[0]:,} rows x {key[1]} dim, batch {key[2]} ids "
+                    f"Zipf({key[3]}) -> {r0['unique_rows']:,} unique rows, {key[4]}, "
+                    f"{_thr(key[5])} "
                     f"(bound = touched rows' bytes {r0['touched_bytes'] / 1e6:.1f} MB at the "
                     "bandwidth bound" + (f" = {r0['bound_ms']:.3f} ms)" if "bound_ms" in r0
                                          else ")"),
                     _table(["impl", "ms/step", "min-max", "ns/touched elem", "% of bound",
-                            "vs torch SparseAdam", "vs 1 thread", "merge share"], rows)))
+                            f"vs {tname}", "vs 1 thread", "merge share"], rows)))
+    # sparse at scale
+    sc = [r for r in recs if r["scenario"] == "sparse-scale"]
+    if sc:
+        rows = [[r["config"], f"{r['rows']:,} x {r['dim']}", r["where"],
+                 f"{r['table_bytes'] / 1e9:.1f} GB", r["threads"], f"{r['ms_per_step']:.2f}",
+                 f"{r['touched_rows_per_s'] / 1e6:.2f}M",
+                 f"{r['rss_growth_bytes'] / 2**20:.0f} MiB",
+                 f"{r['tracemalloc_peak_bytes'] / 2**20:.1f} MiB"] for r in sc]
+        out.append((f"Sparse at scale: {sc[0]['batch']} Zipf({sc[0]['zipf']}) ids per step, a "
+                    "stream of batches (RSS growth over the timed steps: the touched rows' "
+                    "pages; tracemalloc: Python-side allocations per step)",
+                    _table(["config", "table", "where", "table + state", "threads", "ms/step",
+                            "touched rows/s", "RSS growth", "tracemalloc peak"], rows)))
     # torch-level sparse
     ts = [r for r in recs if r["scenario"] == "torch-sparse"]
     for key in sorted({tuple(r[k] for k in GROUP_KEYS["torch-sparse"]) for r in ts}):

@@ -31,6 +31,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -298,17 +299,24 @@ class SparseCase:
         self.idx = zipf_ids(rng, rows, batch, zipf)
         self.grad = rng.standard_normal((batch, dim)).astype(self.dtype)
         # pre-merged (unique ids, summed rows): to measure the cost of merging duplicates
-        self.uidx, inv = np.unique(self.idx, return_inverse=True)
-        self.ugrad = np.zeros((self.uidx.size, dim), self.dtype)
-        np.add.at(self.ugrad, inv, self.grad)
+        self.uidx, self.ugrad = _premerged(self.idx, self.grad)
         self.unique = int(self.uidx.size)
         self.cycle = [(zipf_ids(rng, rows, batch, zipf),
                        rng.standard_normal((batch, dim)).astype(self.dtype))
                       for _ in range(cycling)]
+        self.rng = rng
         isz = self.dtype.itemsize
         # touched rows: read p, m, v and write them back; read the grad rows and ids
         self.bytes = self.unique * dim * isz * 6 + batch * dim * isz + batch * 8
         self.working_set = self.unique * dim * isz * 3 + batch * dim * isz + batch * 8
+
+
+def _premerged(idx, grad):
+    """``(unique ids, their summed rows)``: a batch with its merge done."""
+    uidx, inv = np.unique(idx, return_inverse=True)
+    ugrad = np.zeros((uidx.size, grad.shape[1]), grad.dtype)
+    np.add.at(ugrad, inv, grad)
+    return uidx, ugrad
 
 
 def _sp_fastadam(pre_merged=False, cycling=False):
@@ -322,7 +330,7 @@ def _sp_fastadam(pre_merged=False, cycling=False):
         idx, grad = (c.uidx, c.ugrad) if pre_merged else (c.idx, c.grad)
         st = {"step": 0}
         nt = c.threads
-        batches = c.cycle
+        batches = [_premerged(i, g) for i, g in c.cycle] if pre_merged and cycling else c.cycle
 
         def step():
             st["step"] += 1
@@ -336,6 +344,88 @@ def _sp_fastadam(pre_merged=False, cycling=False):
         fn()
         return fn
     return make
+
+
+# the dense-equivalent mode, measured in the steady state of a long run
+DENSE_EQ_STEPS = 10_000
+
+
+def stream_gaps(rng, n_rows, batch, zipf, steps=DENSE_EQ_STEPS):
+    """Per Zipf rank, a draw of the steps since the row was last touched in a
+    batch stream that has run ``steps`` steps (geometric with the rank's
+    probability of appearing in a batch, capped at ``steps - 1``)."""
+    if zipf <= 0:
+        pr = np.full(n_rows, 1.0 / n_rows)
+    else:
+        w = 1.0 / np.arange(1, n_rows + 1, dtype=np.float64) ** zipf
+        pr = w / w.sum()
+    pin = -np.expm1(batch * np.log1p(-np.minimum(pr, 1 - 1e-16)))
+    return np.minimum(rng.geometric(np.maximum(pin, 1e-15)), steps - 1).astype(np.int64)
+
+
+def _sp_dense_equivalent(c):
+    """fastadam's dense-equivalent mode over the batch stream, each touched row
+    with the gap it would have at step DENSE_EQ_STEPS of a long run (rows by
+    how often the batches touch them: the hot ones come back every step)."""
+    from fastadam.functional import CatchUpHistory, sparse_adam_catchup_step
+    if not c.cycle:
+        raise P.Skip("fastadam-dense-equiv runs with --sparse-batches dense")
+    hist = CatchUpHistory(weight_decay=0.01)
+    for _ in range(DENSE_EQ_STEPS):
+        hist.append(P.LR)
+    last = np.full(c.rows, DENSE_EQ_STEPS - 1, np.int64)
+    cnt = np.zeros(c.rows, np.int64)
+    for i, _ in c.cycle:
+        np.add.at(cnt, i, 1)
+    gap = np.empty(c.rows, np.int64)
+    gap[np.argsort(-cnt, kind="stable")] = np.sort(stream_gaps(c.rng, c.rows, c.batch, c.zipf))
+    st = {"i": 0}
+    batches = c.cycle
+    nt = c.threads
+
+    def step():
+        i, g = batches[st["i"] % len(batches)]
+        st["i"] += 1
+        hist.append(P.LR)
+        t = hist.step
+        last[i] = t - 1 - np.minimum(gap[i], t - 1)   # the row's gap in a long run
+        sparse_adam_catchup_step(c.table, i, g, c.m, c.v, last, hist, n_threads=nt)
+    step()
+    return step
+
+
+def _sp_torch_cycling(c):
+    """torch.optim.SparseAdam over the same batch stream as fastadam-cycling."""
+    torch, tp = _sp_torch_param(c)
+    if not c.cycle:
+        raise P.Skip("torch-cycling runs with --sparse-batches cycling")
+    opt = torch.optim.SparseAdam([tp], lr=P.LR)
+    opt.state[tp] = {"step": 0, "exp_avg": torch.from_numpy(c.m),
+                     "exp_avg_sq": torch.from_numpy(c.v)}
+    grads = [torch.sparse_coo_tensor(torch.from_numpy(i)[None], torch.from_numpy(g),
+                                     tuple(c.table.shape), check_invariants=False)
+             for i, g in c.cycle]
+    st = {"i": 0}
+
+    def step():
+        tp.grad = grads[st["i"] % len(grads)]
+        st["i"] += 1
+        opt.step()
+    step()
+    return step
+
+
+def _sp_torch_dense(c):
+    """torch's own dense equivalent: AdamW(fused=True) over the whole table
+    (its gradient, zero but the batch's rows, built once outside the timing)."""
+    torch = P.torch_mod()
+    tp = torch.nn.Parameter(torch.from_numpy(c.table))
+    opt = torch.optim.AdamW([tp], lr=P.LR, weight_decay=0.01, fused=True)
+    dense = torch.zeros_like(tp)
+    dense.index_add_(0, torch.from_numpy(c.idx), torch.from_numpy(c.grad))
+    tp.grad = dense
+    opt.step()
+    return opt.step
 
 
 def _sp_fastadam_optim(c):
@@ -410,12 +500,31 @@ SPARSE = {
                            "(unique, rows summed): the step without the merge"),
     "fastadam-cycling": (_sp_fastadam(cycling=True), "fastadam.sparse_adam_step over "
                          f"{16} different batches in turn (cold rows; --sparse-batches cycling)"),
+    "fastadam-premerged-cycling": (_sp_fastadam(True, cycling=True), "fastadam-cycling's "
+                                   "batches pre-merged: the stream's step without the merge"),
     "fastadam.SparseAdam": (_sp_fastadam_optim, "fastadam.SparseAdam(table).step"),
     "fastadam.torch": (_sp_fastadam_torch, "fastadam.torch.SparseAdam"),
     "torch": (_sp_torch, "torch.optim.SparseAdam"),
     "numpy-ref": (_sp_reference, "fastadam._reference.sparse_adam"),
+    "torch-cycling": (_sp_torch_cycling, "torch.optim.SparseAdam over the batch stream "
+                      "(--sparse-batches cycling)"),
+    "fastadam-dense-equiv": (_sp_dense_equivalent, "fastadam.functional."
+                             "sparse_adam_catchup_step over the batch stream, rows with the "
+                             f"gaps of step {DENSE_EQ_STEPS:,} of a long run (--sparse-batches "
+                             "dense)"),
+    "torch-fused-dense": (_sp_torch_dense, "torch.optim.AdamW(fused=True) on the whole table "
+                          "(the dense equivalent; --sparse-batches dense)"),
+}
+# the peers of the batch modes (--sparse-batches)
+SPARSE_MODES = {
+    "fixed": ("fastadam", "fastadam-premerged", "fastadam.SparseAdam", "fastadam.torch", "torch",
+              "numpy-ref"),
+    "cycling": ("fastadam-cycling", "fastadam-premerged-cycling", "torch-cycling"),
+    "busy": ("fastadam-cycling",),
+    "dense": ("fastadam-dense-equiv", "torch-fused-dense"),
 }
 SPARSE_OURS = tuple(k for k in SPARSE if k.startswith("fastadam"))
+
 CYCLING_BATCHES = 16
 
 
@@ -432,45 +541,65 @@ def _sparse_records(scenario, res, c, dtype, t, **kw):
     return out
 
 
+@contextlib.contextmanager
+def busy_core():
+    """One core kept busy by another process (a Python spin loop) while inside."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
 def sparse(run):
     out = []
-    want = set(SPARSE) - {"fastadam-cycling"} | (
-        {"fastadam-cycling"} if "cycling" in run.sparse_batches else set())
-    if "fixed" not in run.sparse_batches:
-        want = {"fastadam-cycling"}
-    names = [n for n in SPARSE if n in want and (
-        run.peers is None or n in run.peers
-        or (n in ("fastadam-premerged", "fastadam-cycling") and "fastadam" in run.peers))]
     for (rows, dim, batch, zipf) in run.sparse_configs:
         for dtype in run.dtypes_sparse:
             for t in run.threads:
-                run.progress.update(f"sparse {rows}x{dim} b={batch} zipf={zipf} t={t}")
-                c = SparseCase(rows, dim, batch, zipf, dtype, t,
-                               cycling=CYCLING_BATCHES if "fastadam-cycling" in names else 0)
-                with P.threads(t):
-                    cases = P.build(names, c, registry=SPARSE, log=run.log,
-                                    skipped=run.skipped)
-                    res = measure_case(run, cases, t, c.bytes, c.working_set,
-                                       repeats=run.repeats, probe_bytes=PROBE_MIN_BYTES,
-                                       label=f"sparse t={t}")
-                recs = _sparse_records("sparse", res, c, dtype, t)
-                if "fastadam" in res and "fastadam-premerged" in res:
-                    share = 1.0 - res["fastadam-premerged"]["median"] / res["fastadam"]["median"]
-                    for r in recs:
-                        if r["impl"] == "fastadam":
-                            r["merge_share"] = share
-                out += recs
-                del cases
-                del c
-                _cleanup()
+                for mode in run.sparse_batches:
+                    out += _sparse_mode(run, mode, rows, dim, batch, zipf, dtype, t)
     # 1 vs N threads: the speedup of each implementation from one thread
-    one = {(r["rows"], r["dim"], r["batch"], r["zipf"], r["dtype"], r["impl"]): r
+    one = {(r["rows"], r["dim"], r["batch"], r["zipf"], r["dtype"], r["impl"], r["mode"]): r
            for r in out if r["threads"] == 1}
     for r in out:
-        r1 = one.get((r["rows"], r["dim"], r["batch"], r["zipf"], r["dtype"], r["impl"]))
+        r1 = one.get((r["rows"], r["dim"], r["batch"], r["zipf"], r["dtype"], r["impl"],
+                      r["mode"]))
         if r1 is not None and r["threads"] > 1:
             r["vs_1_thread"] = r1["median_s"] / r["median_s"]
     return out
+
+
+def _sparse_mode(run, mode, rows, dim, batch, zipf, dtype, t):
+    """One batch mode of one sparse workload: its peers side by side."""
+    names = [n for n in SPARSE_MODES[mode] if run.peers is None or n in run.peers
+             or (n.startswith("fastadam-") and "fastadam" in run.peers)]
+    if not names:
+        return []
+    run.progress.update(f"sparse {mode} {rows}x{dim} b={batch} zipf={zipf} t={t}")
+    c = SparseCase(rows, dim, batch, zipf, dtype, t,
+                   cycling=CYCLING_BATCHES if mode != "fixed" else 0)
+    busy = busy_core() if mode == "busy" else contextlib.nullcontext()
+    with P.threads(t), busy:
+        cases = P.build(names, c, registry=SPARSE, log=run.log, skipped=run.skipped)
+        res = measure_case(run, cases, t, c.bytes, c.working_set, repeats=run.repeats,
+                           probe_bytes=PROBE_MIN_BYTES, label=f"sparse {mode} t={t}")
+    recs = _sparse_records("sparse", res, c, dtype, t, mode=mode, busy_core=mode == "busy")
+    if "fastadam" in res and "fastadam-premerged" in res:
+        share = 1.0 - res["fastadam-premerged"]["median"] / res["fastadam"]["median"]
+        for r in recs:
+            if r["impl"] == "fastadam":
+                r["merge_share"] = share
+    if "fastadam-cycling" in res and "fastadam-premerged-cycling" in res:
+        share = 1.0 - (res["fastadam-premerged-cycling"]["median"]
+                       / res["fastadam-cycling"]["median"])
+        for r in recs:
+            if r["impl"] == "fastadam-cycling":
+                r["merge_share"] = share
+    del cases
+    del c
+    _cleanup()
+    return recs
 
 
 # --------------------------------------------------------------------------
@@ -778,8 +907,108 @@ def soak_scenario(run):
 
 
 # --------------------------------------------------------------------------
+# sparse at scale: a 10M x 128 table in RAM, a memmap table beyond RAM
+# --------------------------------------------------------------------------
 
-ON_REQUEST = ("soak",)   # never in a mode's default list: run with --scenario soak
+SCALE_CONFIGS = {
+    # name: (rows, dim, where); the memmap's table + state (3 x 10.2 GB float32)
+    # exceed this machine's 23 GB of RAM
+    "ram": (10_000_000, 128, "ram"),
+    "memmap": (20_000_000, 128, "memmap"),
+    "small-memmap": (200_000, 16, "memmap"),     # seconds: tests, CI
+}
+SCALE_BATCH, SCALE_ZIPF, SCALE_BATCHES = 16384, 1.1, 32
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _scale_arrays(name, rows, dim, folder):
+    """The table and its state: in RAM (the table filled, the state np.zeros:
+    pages appear as rows are touched, as fastadam.SparseAdam allocates it) or
+    three sparse files (unwritten rows cost no disk) mapped with np.memmap."""
+    if name == "ram":
+        table = np.empty((rows, dim), np.float32)
+        block = np.random.default_rng(0).standard_normal((4096, dim)).astype(np.float32)
+        for lo in range(0, rows, 4096):
+            table[lo: lo + 4096] = block[: min(4096, rows - lo)]
+        return table, np.zeros_like(table), np.zeros_like(table), []
+    paths = []
+    arrays = []
+    for what in ("table", "exp_avg", "exp_avg_sq"):
+        path = os.path.join(folder, f"fastadam-scale-{os.getpid()}-{what}.bin")
+        with open(path, "wb") as fh:
+            fh.truncate(rows * dim * 4)
+        paths.append(path)
+        arrays.append(np.memmap(path, dtype=np.float32, mode="r+", shape=(rows, dim)))
+    return arrays[0], arrays[1], arrays[2], paths
+
+
+def sparse_scale(run):
+    """``sparse-scale`` (on request): steps on a 10M x 128 table in RAM and on an
+    np.memmap table + state beyond RAM; touched rows per second, RSS growth
+    over the timed steps and tracemalloc's peak per step (both O(batch))."""
+    import tempfile
+    import tracemalloc
+
+    import fastadam as fa
+    out = []
+    rng = np.random.default_rng(1)
+    folder = run.scale_dir or tempfile.gettempdir()
+    for name in run.sparse_scale:
+        rows, dim, where = SCALE_CONFIGS[name]
+        run.progress.update(f"sparse-scale {name} {rows:,}x{dim}")
+        table, m, v, paths = _scale_arrays(name, rows, dim, folder)
+        try:
+            batches = [(zipf_ids(rng, rows, SCALE_BATCH, SCALE_ZIPF),
+                        rng.standard_normal((SCALE_BATCH, dim)).astype(np.float32))
+                       for _ in range(SCALE_BATCHES)]
+            uniq = [np.unique(i).size for i, _ in batches]
+            for t in run.threads:
+                step = 0
+                for i, g in batches:            # warm-up: a first pass over the stream
+                    step += 1
+                    fa.sparse_adam_step(table, i, g, m, v, step=step, n_threads=t)
+                rss0 = _rss()
+                times = []
+                tracemalloc.start()
+                for _ in range(3):
+                    for i, g in batches:
+                        step += 1
+                        t0 = time.perf_counter()
+                        fa.sparse_adam_step(table, i, g, m, v, step=step, n_threads=t)
+                        times.append(time.perf_counter() - t0)
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                med = float(np.median(times))
+                out.append({"scenario": "sparse-scale", "impl": "fastadam", "config": name,
+                            "where": where, "rows": rows, "dim": dim, "batch": SCALE_BATCH,
+                            "zipf": SCALE_ZIPF, "dtype": "float32", "threads": t,
+                            "median_s": med, "min_s": float(np.min(times)),
+                            "max_s": float(np.max(times)), "inner": 1, "repeats": len(times),
+                            "ms_per_step": med * 1e3, "unique_rows": int(np.mean(uniq)),
+                            "touched_rows_per_s": float(np.mean(uniq)) / med,
+                            "table_bytes": rows * dim * 4 * 3,
+                            "rss_growth_bytes": _rss() - rss0,
+                            "tracemalloc_peak_bytes": peak})
+                run.log(f"  sparse-scale {name} t={t}: {med * 1e3:.2f} ms/step, "
+                        f"{np.mean(uniq) / med / 1e6:.2f} M touched rows/s, RSS "
+                        f"+{(_rss() - rss0) / 2**20:.0f} MiB, tracemalloc peak "
+                        f"{peak / 2**20:.1f} MiB")
+        finally:
+            del table, m, v
+            gc.collect()
+            for p in paths:
+                os.unlink(p)
+    return out
+
+
+# --------------------------------------------------------------------------
+
+# never in a mode's default list: run with --scenario soak (or sparse-scale)
+ON_REQUEST = ("soak", "sparse-scale")
 
 SCENARIOS = {
     "dense": (dense, dense_steps, "one array, 2**4..2**26 elements, per dtype and thread count"),
@@ -802,6 +1031,9 @@ SCENARIOS = {
     "precision": (PR.precision, PR.steps,
                   "16-bit params/grads/moments, bf16 copy-out, stochastic rounding vs torch "
                   "fused fp32 and bf16/fp16: time, bytes/element, % of bound, state bytes"),
+    "sparse-scale": (sparse_scale, lambda run: len(run.sparse_scale) * len(run.threads),
+                     "on request only: a 10M x 128 table in RAM and an np.memmap table + state "
+                     "beyond RAM (--sparse-scale ram,memmap, --scale-dir DIR)"),
     "soak": (soak_scenario, lambda run: 2,
              "on request only: RSS and tracemalloc flat over 10**5 small + 10**3 large "
              "steps, optimizers (numpy and torch, dense and sparse) created and destroyed; "

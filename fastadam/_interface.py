@@ -102,6 +102,36 @@ SIGNATURES = {
 }
 TRAILING = ("args", "flags", "n_threads")
 
+# ------------------------------------------- 8-bit blockwise state (issue 13)
+# exp_avg / exp_avg_sq held as uint8 codes into the 256-value dynamic maps of
+# Dettmers et al. 2021 (signed for exp_avg, unsigned for exp_avg_sq), one
+# float32 absmax per block of Q8_BLOCK elements (see fastadam/_quant.py and
+# docs/guide/q8.md). Ops and combinations of their own: the float ops above
+# are not generated for them. A combination is (param, grad, "uint8"); the
+# compute type is float32. bf16 params/grads, once DTYPES has their codec,
+# are one more Q8_COMBOS entry (the loops load and store through I.load /
+# I.store).
+Q8_BLOCK = 256          # elements per absmax block
+Q8_MIN_SIZE = 4096      # the optimizers keep float32 state for smaller arrays
+# The exact nearest-code lookup: key = (bits(|y|) >> Q8_KEY_SHIFT) - Q8_KEY_BASE,
+# clamped to [0, Q8_NKEYS - 1] (|y| clamped to 1.0 first; below 2**-24 is key 0)
+Q8_KEY_SHIFT = 15       # keep the exponent and the top 8 mantissa bits
+Q8_KEY_BASE = 103 << 8  # exponent of 2**-24
+Q8_NKEYS = (24 << 8) + 1
+Q8_OPS = ("adam_q8", "adam_q8_multi")
+Q8_COMBOS = {
+    "32": ("float32", "float32", "uint8"),
+}
+KERNELS.update({(op,) + combo: f"{op}_{sfx}" for op in Q8_OPS
+                for sfx, combo in Q8_COMBOS.items()})   # adam_q8_32, ...
+SIGNATURES.update({
+    "adam_q8": ("param", "grad", "exp_avg", "exp_avg_sq", "exp_avg_absmax",
+                "exp_avg_sq_absmax", "qtables"),
+    "adam_q8_multi": ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_avg_absmaxes",
+                      "exp_avg_sq_absmaxes", "offsets", "neg_step_sizes", "bc2_sqrts",
+                      "qtables"),
+})
+
 SCALAR_NAMES = tuple(name for name, _ in SCALARS)
 FLAG_BITS = {name: bit for name, bit, _ in FLAGS}
 
@@ -146,6 +176,13 @@ def math_of(ctype):
     """For the templates: ``compute_types()``'s entry of one C type."""
     m = C_MATH[ctype]
     return (m[0], ctype) + m[1:]
+
+
+def q8_combos():
+    """For the templates: ``(suffix, TP, TG)`` C types and codecs of every 8-bit-state
+    combination: ``(sfx, TP, TG, PCOD, GCOD)``."""
+    return [(sfx, DTYPES[p][0], DTYPES[g][0], DTYPES[p][1], DTYPES[g][1])
+            for sfx, (p, g, _) in Q8_COMBOS.items()]
 
 
 assert SCALAR_NAMES[-len(STEP_SCALARS):] == STEP_SCALARS, "step scalars come last"

@@ -113,11 +113,11 @@ TRAILING = ("args", "flags", "n_threads")
 # I.store).
 Q8_BLOCK = 256          # elements per absmax block
 Q8_MIN_SIZE = 4096      # the optimizers keep float32 state for smaller arrays
-# The exact nearest-code lookup: key = (bits(|y|) >> Q8_KEY_SHIFT) - Q8_KEY_BASE,
-# clamped to [0, Q8_NKEYS - 1] (|y| clamped to 1.0 first; below 2**-24 is key 0)
-Q8_KEY_SHIFT = 15       # keep the exponent and the top 8 mantissa bits
-Q8_KEY_BASE = 103 << 8  # exponent of 2**-24
-Q8_NKEYS = (24 << 8) + 1
+# The exact nearest-code lookup of each map (signed, unsigned): key =
+# (bits(|y|) >> shift) - base, clamped to [0, nkeys - 1] (|y| clamped to 1.0
+# first; |y| < 2**-24 is key 0): the exponent and the top 7 (signed map) or 8
+# (unsigned map: twice the values per decade) mantissa bits.
+Q8_KEYS = {"signed": (16, 103 << 7, (24 << 7) + 1), "unsigned": (15, 103 << 8, (24 << 8) + 1)}
 Q8_OPS = ("adam_q8", "adam_q8_multi")
 Q8_COMBOS = {
     "32": ("float32", "float32", "uint8"),
@@ -179,10 +179,16 @@ def math_of(ctype):
 
 
 def q8_combos():
-    """For the templates: ``(suffix, TP, TG)`` C types and codecs of every 8-bit-state
-    combination: ``(sfx, TP, TG, PCOD, GCOD)``."""
-    return [(sfx, DTYPES[p][0], DTYPES[g][0], DTYPES[p][1], DTYPES[g][1])
-            for sfx, (p, g, _) in Q8_COMBOS.items()]
-
+    """For the templates: ``(sfx, TP, TG, dense)`` per 8-bit-state combination;
+    ``dense`` is the suffix of the float32-state combination of the same param
+    and grad dtypes, whose update loops the 8-bit kernel runs on each block."""
+    out = []
+    for sfx, (p, g, _) in Q8_COMBOS.items():
+        dense = [d for d, combo in COMBOS.items() if combo == (p, g, "float32")]
+        if not dense:
+            raise ValueError(f"8-bit combination {sfx} ({p}, {g}) needs the dense "
+                             f"combination ({p}, {g}, float32) in COMBOS")
+        out.append((sfx, DTYPES[p][0], DTYPES[g][0], dense[0]))
+    return out
 
 assert SCALAR_NAMES[-len(STEP_SCALARS):] == STEP_SCALARS, "step scalars come last"

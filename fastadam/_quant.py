@@ -31,12 +31,13 @@ The format (docs/guide/q8.md has the full description):
   optimizers (the functional entries take any size).
 
 The kernels do not search the map: :func:`tables` builds a two-level
-lookup (a key from the exponent and top 8 mantissa bits of |y| selects the
-nearest magnitude of the key's lowest value; one integer compare with the
-next threshold corrects it -- every key interval holds at most one
-threshold, checked when the tables are built), exact by construction and
-checked against the reference quantiser here (:func:`quantize`, which
-searches the exact midpoints) in the tests.
+lookup (a key from the exponent and top 7 or 8 mantissa bits of |y| selects
+one table entry: the nearest magnitude of the key's lowest value and the
+low bits of the one threshold inside the key's interval, if any -- every
+key interval holds at most one, checked when the tables are built; one
+integer compare with it gives the exact nearest magnitude), checked against
+the reference quantiser here (:func:`quantize`, which searches the exact
+midpoints in double) in the tests.
 """
 from functools import lru_cache
 
@@ -142,9 +143,9 @@ def _midpoints(signed):
 
 
 def _up_thresholds(signed):
-    """float32 bits: |y| with bits >= thr[j] is nearer magnitude j + 1 than j
-    (the smallest float32 above the midpoint: ties stay at j); the last one
-    is +inf's bits (never reached: |y| is clamped to 1.0)."""
+    """float32 bits (uint32): |y| with bits >= thr[j] is nearer magnitude
+    j + 1 than j (the smallest float32 above the midpoint: ties stay at j);
+    padded with +inf's bits to 256."""
     mid = _midpoints(signed)
     f = mid.astype(np.float32)
     f = np.where(f.astype(np.float64) <= mid, np.nextafter(f, np.float32(np.inf)), f)
@@ -153,30 +154,34 @@ def _up_thresholds(signed):
     return thr.view(np.uint32)
 
 
-def _lut(signed, thr_bits):
-    """Per key (see ``_interface.Q8_KEY_*``): the nearest magnitude of the key's lowest |y|."""
-    nk, base, shift = I.Q8_NKEYS, I.Q8_KEY_BASE, I.Q8_KEY_SHIFT
+def _lut(signed):
+    """Per key (``_interface.Q8_KEYS``): ``j | (t << 8)``, j the nearest
+    magnitude of the key's lowest |y|, t the low ``shift`` bits of the one
+    threshold inside the key's interval (|y| with low bits >= t is nearer
+    j + 1), or ``1 << shift`` (never) where the interval holds none."""
+    shift, base, nk = I.Q8_KEYS["signed" if signed else "unsigned"]
+    thr = _up_thresholds(signed)[:_magnitudes(signed).size - 1].astype(np.int64)
     keys = np.arange(nk, dtype=np.int64)
-    lo = np.where(keys == 0, 0, (keys + base) << shift).astype(np.uint64)
-    hi = np.minimum(((keys + base + 1) << shift) - 1, 0x3F800000).astype(np.uint64)
-    hi[0] = ((base + 1) << shift) - 1
-    used = thr_bits[:_magnitudes(signed).size - 1].astype(np.uint64)
-    j_lo = np.searchsorted(used, lo, side="right")
-    j_hi = np.searchsorted(used, hi, side="right")
+    lo = np.where(keys == 0, 0, (keys + base) << shift)
+    hi = np.minimum(((keys + base + 1) << shift) - 1, 0x3F800000)
+    j_lo = np.searchsorted(thr, lo, side="right")
+    j_hi = np.searchsorted(thr, hi, side="right")
     if np.any(j_hi - j_lo > 1):
         raise AssertionError("a key interval holds two thresholds: use more mantissa bits")
-    return j_lo.astype(np.int32)
+    cross = j_hi > j_lo
+    t = np.where(cross, thr[np.minimum(j_lo, thr.size - 1)] & ((1 << shift) - 1), 1 << shift)
+    if np.any(cross & (keys == 0)):
+        raise AssertionError("key 0 (|y| < 2**-24 and the clamp) must hold no threshold")
+    return (j_lo | (t << 8)).astype(np.int32)
 
 
 @lru_cache(maxsize=None)
 def tables():
     """The kernels' ``qtables`` buffer (uint8, read-only): float32 map1[256]
-    (signed), map2[256] (unsigned), uint32 thr1[256], thr2[256] (see
-    :func:`_up_thresholds`), int32 lut1[NKEYS], lut2[NKEYS] -- the layout of
-    ``fa_q8tab`` in ``_q8.pxi.tp``."""
-    t1, t2 = _up_thresholds(True), _up_thresholds(False)
-    parts = [_map(True).view(np.uint8), _map(False).view(np.uint8), t1.view(np.uint8),
-             t2.view(np.uint8), _lut(True, t1).view(np.uint8), _lut(False, t2).view(np.uint8)]
+    (signed), map2[256] (unsigned), int32 lut1[nkeys signed], lut2[nkeys
+    unsigned] (see :func:`_lut`) -- the layout of ``fa_q8tab`` in ``_q8.pxi.tp``."""
+    parts = [_map(True).view(np.uint8), _map(False).view(np.uint8),
+             _lut(True).view(np.uint8), _lut(False).view(np.uint8)]
     buf = np.concatenate(parts)
     buf.flags.writeable = False
     return buf

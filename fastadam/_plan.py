@@ -34,7 +34,8 @@ from . import _dispatch
 from . import _interface as I
 
 __all__ = ["Kernels", "KERNELS", "hyper_args", "with_step", "dense_step_scalars",
-           "sparse_neg_step_size", "state_dtype", "torch_vector_bytes", "VECTOR_BYTES"]
+           "sparse_neg_step_size", "state_dtype", "torch_vector_bytes", "VECTOR_BYTES",
+           "Q8", "state_format"]
 
 VECTOR_BYTES_ENV = "FASTADAM_TORCH_VECTOR_BYTES"
 _VECTOR_BYTES_ALLOWED = (16, 32, 64)
@@ -187,15 +188,38 @@ def sparse_neg_step_size(step, lr, beta1, beta2):
     return -(lr * math.sqrt(bc2) / bc1)
 
 
+#: ``state_dtype="q8"``: 8-bit blockwise state (``fastadam._quant``) for arrays of
+#: ``_interface.Q8_MIN_SIZE`` elements or more
+Q8 = "q8"
+
+
 def state_dtype(param_dtype, state_dtype=None, op="adam"):
     """The dtype of the optimizer state for parameters of ``param_dtype``:
-    ``state_dtype`` if given (a kernel must exist for it), else the param's."""
+    ``state_dtype`` if given (a kernel must exist for it), else the param's;
+    ``"q8"`` (:data:`Q8`) if that is asked for and compiled for the param's dtype."""
     pdt = np.dtype(param_dtype)
     if state_dtype is None:
         return pdt
+    if isinstance(state_dtype, str) and state_dtype == Q8:
+        if (op + "_q8", pdt, pdt, np.dtype(np.uint8)) not in _NAMES:
+            have = sorted({p for (o, p, _, _) in I.KERNELS if o == op + "_q8"})
+            raise TypeError(f"state_dtype 'q8' is not supported for {pdt} parameters "
+                            f"(8-bit state is compiled for: {', '.join(have) or 'none'})")
+        return Q8
     sdt = np.dtype(state_dtype)
     if not any(k[0] == op and k[1] == pdt and k[3] == sdt for k in _NAMES):
         have = ", ".join(sorted({s for (o, p, _, s) in I.KERNELS if o == op and p == pdt.name}))
         raise TypeError(f"state_dtype {sdt} is not supported for {pdt} parameters "
                         f"(supported: {have or 'none'})")
     return sdt
+
+
+def state_format(param_dtype, size, state_dtype_=None, op="adam"):
+    """The state one parameter of ``size`` elements gets: :data:`Q8` for
+    ``state_dtype_="q8"`` and ``size >= _interface.Q8_MIN_SIZE`` (smaller arrays
+    keep the param dtype's state, as bitsandbytes does), else
+    :func:`state_dtype`'s dtype. The one place the optimizers decide it."""
+    fmt = state_dtype(param_dtype, state_dtype_, op)
+    if fmt is Q8 and size < I.Q8_MIN_SIZE:
+        return np.dtype(param_dtype)
+    return fmt

@@ -47,7 +47,12 @@ def new_state(shape: tuple[int, ...], dtype: npt.DTypeLike, amsgrad: bool = Fals
     """Fresh zeroed optimizer state for a parameter: ``step`` 0, ``exp_avg``,
     ``exp_avg_sq`` (of ``rowwise_shape`` if given) and, with amsgrad,
     ``max_exp_avg_sq``, all of ``dtype`` (``np.zeros``: pages are only
-    materialised when touched). The one place the numpy layers create state."""
+    materialised when touched). ``dtype="q8"``: 8-bit state
+    (:func:`fastadam.functional.new_state8bit`: uint8 ``exp_avg``,
+    ``exp_avg_sq``, float32 ``exp_avg_absmax``, ``exp_avg_sq_absmax``). The
+    one place the numpy layers create state."""
+    if isinstance(dtype, str) and dtype == _plan.Q8:
+        return {"step": 0, **F.new_state8bit(shape)}
     vshape = shape if rowwise_shape is None else rowwise_shape
     st = {"step": 0, "exp_avg": np.zeros(shape, dtype), "exp_avg_sq": np.zeros(vshape, dtype)}
     if amsgrad:
@@ -84,6 +89,14 @@ class Adam(_Locked):
         As ``torch.optim.Adam`` (defaults identical).
     n_threads : int, optional
         Threads per step (``None``: :func:`fastadam.get_num_threads` at call time).
+    state_dtype : {None, "q8"}, optional
+        ``"q8"``: 8-bit blockwise state (docs: "8-bit optimizer state") for
+        float32 parameters of 4096+ elements -- ``exp_avg``/``exp_avg_sq``
+        uint8 codes plus float32 ``exp_avg_absmax``/``exp_avg_sq_absmax``
+        (one per block of 256), about 2 bytes per parameter instead of 8;
+        smaller arrays keep float32 state. No amsgrad. Also a param group
+        key (then recorded in :meth:`state_dict`). None: state of the
+        param's dtype (torch's layout).
 
     Notes
     -----
@@ -122,7 +135,7 @@ class Adam(_Locked):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: Optional[float] = None, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: Optional[bool] = None,
-                 n_threads: Optional[int] = None) -> None:
+                 n_threads: Optional[int] = None, state_dtype: Optional[str] = None) -> None:
         if weight_decay is None:
             weight_decay = self._defaults_wd
         if decoupled_weight_decay is None:
@@ -135,6 +148,8 @@ class Adam(_Locked):
                              capturable=False, differentiable=False, fused=True,
                              decoupled_weight_decay=check_bool(decoupled_weight_decay,
                                                                "decoupled_weight_decay"))
+        if state_dtype is not None:    # only then a group key (torch's layout otherwise)
+            self.defaults["state_dtype"] = _check_state_dtype(state_dtype, "state_dtype")
         self.n_threads = n_threads
         self._lock = threading.RLock()
         plist = list(params)
@@ -165,14 +180,16 @@ class Adam(_Locked):
             group.setdefault(k, v)
         group["betas"] = tuple(group["betas"])
         check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        if group.get("state_dtype") is not None:
+            _check_q8_group(group, ps)
         _no_param_overlap(self._all_params() + ps)
         self.param_groups.append(group)
 
     def _all_params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _init_state(self, p, amsgrad):
-        return new_state(p.shape, _plan.state_dtype(p.dtype), amsgrad)
+    def _init_state(self, p, amsgrad, state_dtype=None):
+        return new_state(p.shape, _plan.state_format(p.dtype, p.size, state_dtype), amsgrad)
 
     # -- the step ---------------------------------------------------------
     def step(self, grads: Sequence[Optional[Array]], *,
@@ -200,8 +217,28 @@ class Adam(_Locked):
                 if not pairs:
                     continue
                 ams = group["amsgrad"]
-                sts = [self.state.get(id(p)) or self._init_state(p, ams) for p, _ in pairs]
+                sdt = group.get("state_dtype")
+                sts = [self.state.get(id(p)) or self._init_state(p, ams, sdt) for p, _ in pairs]
                 steps = [st["step"] + 1 for st in sts]
+                if sdt is not None:           # 8-bit state: its own plan (one call)
+                    q8 = [i for i, st in enumerate(sts) if "exp_avg_absmax" in st]
+                    if q8:
+                        sel = (lambda xs, q8=q8: [xs[i] for i in q8])
+                        qs = sel(sts)
+                        plans.append((F.plan_adam8bit(
+                            [p for p, _ in sel(pairs)], [g for _, g in sel(pairs)],
+                            *[[st[k] for st in qs] for k in F._Q8_STATE], steps=sel(steps),
+                            lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                            weight_decay=group["weight_decay"],
+                            decoupled_weight_decay=group["decoupled_weight_decay"],
+                            maximize=group["maximize"], grad_scale=grad_scale,
+                            n_threads=self.n_threads, labels=sel(labels)),
+                            sel(pairs), qs, sel(steps), sel(labels)))
+                        rest = [i for i in range(len(sts)) if i not in set(q8)]
+                        pairs, sts, steps, labels = ([xs[i] for i in rest]
+                                                     for xs in (pairs, sts, steps, labels))
+                        if not pairs:
+                            continue
                 plan = F.plan_adam(
                     [p for p, _ in pairs], [g for _, g in pairs],
                     [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
@@ -318,12 +355,14 @@ class Adam(_Locked):
         new_state = {}
         for g, upd in zip(self.param_groups, updates):
             ams = upd.get("amsgrad", g["amsgrad"])
+            q8 = upd.get("state_dtype", g.get("state_dtype")) is not None
             for p in g["params"]:
                 i = order[pos]
                 pos += 1
                 if i not in keys:
                     continue
-                new_state[id(p)] = _check_param_state(f"state {i}", states[keys[i]], p, ams)
+                new_state[id(p)] = _check_param_state(f"state {i}", states[keys[i]], p, ams,
+                                                      q8)
         return updates, new_state
 
 
@@ -353,7 +392,7 @@ def _no_cross_group_alias(plans):
             arrays += [p, g]
             names += [f"params[{lab}]", f"grads[{lab}]"]
             out += [1, 0]
-            for k in _STATE_KEYS:
+            for k in _STATE_KEYS + _Q8_KEYS:
                 if k in st:
                     arrays.append(st[k])
                     names.append(f"the {k} of params[{lab}]")
@@ -369,6 +408,28 @@ def _no_cross_group_alias(plans):
 
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_Q8_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")     # 8-bit state (with uint8 exp_avg[_sq])
+
+
+def _check_state_dtype(value, where):
+    """A ``state_dtype`` option: None or ``"q8"`` (8-bit blockwise state)."""
+    if value is None or (isinstance(value, str) and value == _plan.Q8):
+        return value
+    raise ValueError(f"{where} must be None (the param's dtype) or 'q8' (8-bit blockwise "
+                     f"state), got {value!r:.40}")
+
+
+def _check_q8_group(group, params):
+    """A group with ``state_dtype='q8'``: a kernel for every param's dtype, no amsgrad."""
+    _check_state_dtype(group["state_dtype"], "param group 'state_dtype'")
+    if group["amsgrad"]:
+        raise ValueError("amsgrad=True is not supported with state_dtype='q8' (no 8-bit "
+                         "max_exp_avg_sq)")
+    for i, p in enumerate(params):
+        try:
+            _plan.state_dtype(p.dtype, group["state_dtype"])
+        except TypeError as e:
+            raise TypeError(f"params[{i}]: {e}") from None
 _BOOL_KEYS = ("amsgrad", "maximize", "decoupled_weight_decay")
 _OPT_BOOL_KEYS = ("foreach", "capturable", "differentiable", "fused")
 
@@ -376,6 +437,9 @@ _OPT_BOOL_KEYS = ("foreach", "capturable", "differentiable", "fused")
 def _check_group(gi, g, sg):
     """A checkpoint's param group: the validated values to set on ``g``."""
     upd: dict[str, Any] = {}
+    if "state_dtype" in sg:         # absent: the optimizer's own choice stays
+        upd["state_dtype"] = _check_state_dtype(to_scalar(sg["state_dtype"]),
+                                                f"param group {gi} 'state_dtype'")
     for k in _GROUP_KEYS:
         if k not in sg:
             continue
@@ -400,13 +464,25 @@ def _check_group(gi, g, sg):
         raise type(e)(f"param group {gi}: {e}") from None
     if "lr" in upd:
         upd["lr"] = _to_number(upd["lr"])
+    merged = {**g, **upd}
+    if merged.get("state_dtype") is not None:
+        try:
+            _check_q8_group(merged, g["params"])
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"param group {gi}: {e}") from None
     return upd
 
 
-def _check_param_state(name, st, p, amsgrad):
-    """A checkpoint's state of parameter ``p``: fresh, validated buffers."""
+def _check_param_state(name, st, p, amsgrad, q8=False):
+    """A checkpoint's state of parameter ``p``: fresh, validated buffers
+    (8-bit state -- ``exp_avg_absmax`` present -- only in a ``q8`` group)."""
     if not isinstance(st, dict):
         raise TypeError(f"{name} must be a dict, got {type(st).__name__}")
+    if any(k in st for k in _Q8_KEYS):
+        if not q8:
+            raise ValueError(f"{name} holds 8-bit state ({', '.join(_Q8_KEYS)}) but its "
+                             "param group's state_dtype is not 'q8'")
+        return _check_q8_state(name, st, p)
     unknown = [k for k in st if k != "step" and k not in _STATE_KEYS]
     if unknown:
         raise ValueError(f"{name} has unknown keys {unknown} (expected step, "
@@ -421,6 +497,36 @@ def _check_param_state(name, st, p, amsgrad):
         if k in st:
             ns[k] = _state_array(f"{name} '{k}'", st[k], p.shape, sdt,
                                  nonneg=k != "exp_avg")
+    return ns
+
+
+def _check_q8_state(name, st, p):
+    """A checkpoint's 8-bit state of ``p``: ``step``, uint8 ``exp_avg`` /
+    ``exp_avg_sq`` of its shape (any code is valid), float32 finite >= 0
+    ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` of one value per block."""
+    keys = ("exp_avg", "exp_avg_sq") + _Q8_KEYS
+    unknown = [k for k in st if k != "step" and k not in keys]
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown} (8-bit state: step, "
+                         f"{', '.join(keys)})")
+    missing = [k for k in ("step",) + keys if k not in st]
+    if missing:
+        raise ValueError(f"{name} lacks {missing} (8-bit state)")
+    ns: dict[str, Any] = {"step": check_state_step(st["step"], f"{name} 'step'")}
+    nb = (F._quant.n_blocks(p.size),)
+    for k in keys:
+        arr = to_numpy(st[k])
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{name} '{k}' must be an array, got {type(arr).__name__}")
+        want = np.dtype(np.uint8) if k in ("exp_avg", "exp_avg_sq") else np.dtype(np.float32)
+        if arr.dtype != want:
+            raise TypeError(f"{name} '{k}' must have dtype {want} (8-bit state), got {arr.dtype}")
+        shape = p.shape if want == np.uint8 else nb
+        if arr.shape != shape:
+            raise ValueError(f"{name} '{k}' has shape {arr.shape}, expected {shape}")
+        if want == np.float32 and arr.size and not (np.all(np.isfinite(arr)) and arr.min() >= 0):
+            raise ValueError(f"{name} '{k}' must hold finite values >= 0 (block scales)")
+        ns[k] = np.array(arr, order="C", copy=True)
     return ns
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from . import bound as B
 from . import peers as P
 from .machine import bound_for
+from .q8 import q8_tables
 
 # scenario -> the record fields that, with it, name a group of comparable records
 GROUP_KEYS: dict[str, tuple[str, ...]] = {
@@ -27,6 +28,7 @@ GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "torch": ("model", "dtype", "threads"),
     "sparse": ("rows", "dim", "batch", "zipf", "dtype", "threads"),
     "torch-sparse": ("workload", "dtype", "threads"),
+    "q8": ("case", "dtype", "threads"),
 }
 
 
@@ -393,6 +395,7 @@ def tables(result):
                     if cross else
                     f"Serial vs 2-thread crossover, {s['dtype']}: no stable crossover in range",
                     _table(["elements", "1 thread", "2 threads", "t2/t1", "faster"], rows)))
+    out += q8_tables(recs, fmt_r, _table, B.fmt_pct)
     # soak
     for sm in [r for r in recs if r["scenario"] == "soak-summary"]:
         rows = []

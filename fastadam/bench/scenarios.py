@@ -7,8 +7,9 @@ shapes, 148 small tensors, one tensor), ``sparse`` (embedding rows; options:
 pre-merged ids, cycling batches, thread counts), ``torch-sparse`` (skip-gram
 SparseAdam and a mixed Embedding+MLP model at the torch level), ``isa``
 (the ISA modules side by side), ``threshold`` (serial vs 2-thread
-crossover) and, on request only, ``soak`` (memory flat over many steps and
-optimizers, :mod:`fastadam.bench.soak`).
+crossover), ``q8`` (8-bit state, :mod:`fastadam.bench.q8`) and, on request
+only, ``soak`` (memory flat over many steps and optimizers,
+:mod:`fastadam.bench.soak`).
 
 Method: every implementation of a case runs in this process on the same
 buffers, interleaved by ``timing.measure`` (medians, min/max, re-measured
@@ -35,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from . import bound as B
+from . import q8 as _q8
+from .q8 import PEERS as Q8_PEERS  # noqa: F401  (cli's --peers)
 from . import peers as P
 from . import timing
 from .machine import bound_for, note_bound
@@ -797,6 +800,9 @@ SCENARIOS = {
             "(FASTADAM_ISA)"),
     "threshold": (threshold, lambda run: len(run.dtypes),
                   "serial vs 2-thread crossover of the dense kernel"),
+    "q8": (_q8.q8_scenario, _q8.q8_steps, "AdamW with 8-bit state (fastadam.functional."
+           "adamw8bit) vs float32 state, torch fused, bitsandbytes and torchao AdamW8bit: "
+           "2**24, 2**26, GPT-2 small; time, B/elem, % of bound, state B/param"),
     "soak": (soak_scenario, lambda run: 2,
              "on request only: RSS and tracemalloc flat over 10**5 small + 10**3 large "
              "steps, optimizers (numpy and torch, dense and sparse) created and destroyed; "

@@ -13,6 +13,10 @@ x86-64 CPU before a kernel module is chosen. Contract:
   an int64 buffer, for the multi-array kernels.
 * ``first_overlap(arrays)`` -- index pair of the first two arrays whose memory
   ranges overlap, or None (exact for contiguous arrays).
+* ``probe_threads(n, stacksize)`` -- how many of ``n`` threads the OS lets this
+  process start now (each started, then joined), so that the OpenMP runtime is
+  never asked for a team it cannot create: GNU libgomp exits the process when
+  thread creation fails (``fastadam._threads``).
 """
 cimport numpy as cnp
 from libc.stdint cimport int64_t, intptr_t, INT64_MIN
@@ -29,6 +33,27 @@ cdef extern from *:
     #else
     static int fa_omp_max_threads(void) { return 1; }
     static int fa_have_openmp(void) { return 0; }
+    #endif
+    #if defined(_OPENMP) && (defined(__unix__) || defined(__APPLE__))
+    #include <pthread.h>
+    #include <stdlib.h>
+    static void* fa_probe_body(void* arg) { return arg; }
+    static int fa_probe_threads(int n, size_t stacksize) {
+        pthread_attr_t attr;
+        pthread_t* ids;
+        int made = 0, i;
+        if (n <= 0) return 0;
+        ids = (pthread_t*)malloc((size_t)n * sizeof(pthread_t));
+        if (ids == NULL || pthread_attr_init(&attr) != 0) { free(ids); return 0; }
+        if (stacksize) pthread_attr_setstacksize(&attr, stacksize);
+        while (made < n && pthread_create(&ids[made], &attr, fa_probe_body, NULL) == 0) made++;
+        for (i = 0; i < made; i++) pthread_join(ids[i], NULL);
+        pthread_attr_destroy(&attr);
+        free(ids);
+        return made;
+    }
+    #else
+    static int fa_probe_threads(int n, size_t stacksize) { (void)stacksize; return n; }
     #endif
     #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     static int fa_is_x86(void) { return 1; }
@@ -52,6 +77,7 @@ cdef extern from *:
     """
     int fa_omp_max_threads() nogil
     int fa_have_openmp() nogil
+    int fa_probe_threads(int n, size_t stacksize) nogil
     int fa_is_x86() nogil
     int fa_cpu(int which) nogil
 
@@ -75,6 +101,15 @@ def omp_max_threads():
 
 def have_openmp():
     return bool(fa_have_openmp())
+
+
+def probe_threads(int n, size_t stacksize=0):
+    """Start ``n`` threads (stack ``stacksize`` bytes, 0: the default), join them,
+    return how many could be started (``n`` where OpenMP or pthreads are absent)."""
+    cdef int made
+    with nogil:
+        made = fa_probe_threads(n, stacksize)
+    return made
 
 
 def addresses(list arrays, int64_t[::1] out):

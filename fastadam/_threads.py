@@ -18,6 +18,17 @@ these clamp rather than reject):
   memory/compute-bound loops, and an unbounded count lets a typo start
   thousands of OS threads (or make libgomp exit the process when thread
   creation fails).
+* **Never a team the OS refuses**: GNU libgomp exits the process (rc 1, no
+  Python exception, no ``finally``) when it cannot create a thread of a team
+  (``RLIMIT_NPROC``, ``RLIMIT_AS``, cgroup ``pids.max``, memory). Before a
+  Python thread first asks for a team larger than any it used before, the
+  threads it would add are started and joined once here
+  (``_runtime.probe_threads``, with libgomp's stack size from
+  ``OMP_STACKSIZE``/``GOMP_STACKSIZE``); if the OS refuses some, the call runs
+  on the threads it could start, with a ``RuntimeWarning``, and the next
+  larger request probes again. Cost: one thread start per added thread, once
+  per Python thread (libgomp keeps one pool per thread that starts teams).
+  A limit that tightens between the probe and the team is not caught.
 * **Serial after fork**: GNU OpenMP's thread pool does not survive
   ``fork()`` -- a child whose parent had started a team hangs in its first
   parallel region. A child created by ``os.fork`` (``multiprocessing``'s
@@ -27,6 +38,9 @@ these clamp rather than reject):
 """
 import operator
 import os
+import re
+import threading
+import warnings
 from typing import Optional
 
 from . import _runtime
@@ -45,11 +59,42 @@ SPARSE_SERIAL_THRESHOLD = 16384
 
 _user_threads: Optional[int] = None
 _forked = False
+# Per Python thread: the largest team proven startable (libgomp keeps a pool per
+# thread that starts teams, so each proves its own).
+_proven = threading.local()
 
 
 def _after_fork_in_child() -> None:
-    global _forked
+    global _forked, _proven
     _forked = True
+    _proven = threading.local()
+
+
+def _stacksize() -> int:
+    """libgomp's worker stack size in bytes from OMP_STACKSIZE/GOMP_STACKSIZE
+    (a number with an optional B/K/M/G suffix, K by default), else 0: the default."""
+    for var in ("OMP_STACKSIZE", "GOMP_STACKSIZE"):
+        m = re.fullmatch(r"\s*(\d+)\s*([bBkKmMgG]?)\s*", os.environ.get(var, ""))
+        if m:
+            unit = {"b": 1, "": 1024, "k": 1024, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+            return int(m.group(1)) * unit
+    return 0
+
+
+def startable(n: int) -> int:
+    """``n``, or fewer if the OS cannot start the threads a team of ``n`` adds
+    to the calling thread's pool (see the module docstring)."""
+    have = getattr(_proven, "n", 1)
+    if n <= have:
+        return n
+    made = _runtime.probe_threads(n - have, _stacksize())
+    if made >= n - have:
+        _proven.n = n
+        return n
+    warnings.warn(f"fastadam: the OS let this process start only {made} of the {n - have} "
+                  f"more threads a {n}-thread step needs; running on {have + made} "
+                  "(results do not depend on the thread count)", RuntimeWarning, stacklevel=3)
+    return have + made
 
 
 if hasattr(os, "register_at_fork"):
@@ -128,4 +173,6 @@ def resolve(n_threads: Optional[int], work: int, threshold: int = SERIAL_THRESHO
         hw = max_threads()
         if n > hw:
             n = hw
+        if n > getattr(_proven, "n", 1):
+            n = startable(n)
     return n

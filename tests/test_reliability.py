@@ -249,3 +249,69 @@ def test_sparse_big_workspace_not_cached():
     assert k.sparse_workspace_cached() <= 64 << 20
     fa.sparse_adam_step(t, ids[:100], g[:100], np.zeros_like(t), np.zeros_like(t), step=1)
     assert 0 < k.sparse_workspace_cached() <= 64 << 20   # small ones are still reused
+
+
+# ------------------------------------------------------------------ thread creation refused
+
+def test_a_refused_thread_start_runs_on_fewer_threads(monkeypatch):
+    """When the OS refuses the threads a team adds, the call runs on those it
+    could start (with a RuntimeWarning) instead of libgomp exiting the process;
+    a team once proven is not probed again, a larger one is."""
+    from fastadam import _threads
+    monkeypatch.setattr(_threads, "max_threads", lambda: 8)
+    monkeypatch.setattr(_threads, "_proven", __import__("threading").local())
+    calls = []
+
+    def refuse_after(k):
+        def probe(n, stacksize=0):
+            calls.append(n)
+            return min(n, k)
+        return probe
+
+    monkeypatch.setattr(_threads._runtime, "probe_threads", refuse_after(2))
+    with pytest.warns(RuntimeWarning, match="only 2 of the 3 more threads a 4-thread step"):
+        assert _threads.resolve(4, 1 << 30) == 3
+    assert calls == [3]
+    monkeypatch.setattr(_threads._runtime, "probe_threads", refuse_after(10))
+    assert _threads.resolve(4, 1 << 30) == 4 and calls == [3, 3]
+    assert _threads.resolve(4, 1 << 30) == 4 and _threads.resolve(2, 1 << 30) == 2
+    assert calls == [3, 3]                                   # proven: no probe
+    assert _threads.resolve(6, 1 << 30) == 6 and calls == [3, 3, 2]   # only the 2 added
+
+
+def test_stacksize_follows_libgomp_variables(monkeypatch):
+    from fastadam import _threads
+    monkeypatch.delenv("OMP_STACKSIZE", raising=False)
+    monkeypatch.delenv("GOMP_STACKSIZE", raising=False)
+    assert _threads._stacksize() == 0
+    for value, size in (("64", 64 << 10), ("2M", 2 << 20), ("512 k", 512 << 10),
+                        ("1g", 1 << 30), ("4096B", 4096), ("junk", 0)):
+        monkeypatch.setenv("OMP_STACKSIZE", value)
+        assert _threads._stacksize() == size, value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc")
+def test_no_exit_when_the_address_space_cannot_hold_another_thread():
+    """Under an address-space limit with no room for a thread's stack, a
+    2-thread step used to make libgomp exit the process (rc 1, 'Thread creation
+    failed'); now it warns, runs serially, and gives the serial result."""
+    from fastadam import _threads
+    if _threads.max_threads() < 2:
+        pytest.skip("needs 2 usable CPUs")
+    out = _run_py("""
+        import resource, warnings
+        import numpy as np, fastadam as fa
+        n = 1 << 16
+        bufs = [np.full(n, 0.5, np.float32) for _ in range(4)]
+        ref = [b.copy() for b in bufs]
+        fa.adam_step(*ref, step=1, lr=1e-3, n_threads=1)
+        with open("/proc/self/status") as f:
+            vm = next(int(l.split()[1]) for l in f if l.startswith("VmSize")) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 20), resource.RLIM_INFINITY))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            fa.adam_step(*bufs, step=1, lr=1e-3, n_threads=2)
+        print(all(np.array_equal(a, b) for a, b in zip(bufs, ref)),
+              any("threads" in str(x.message) for x in w))
+    """)
+    assert out.split() == ["True", "True"]

@@ -21,6 +21,8 @@ description, bandwidth probe), ``bound`` (the one bound, impossible figures),
 ``peers`` (the implementations compared), ``scenarios`` (dense, overhead,
 many, torch, sparse, torch-sparse, isa, threshold), ``worker`` (one ISA
 module's timings), ``report`` (terminal table, JSON, Markdown, plots),
-``cli`` (modes and filters).
+``cli`` (modes and filters); ``convergence`` (does it train: a small
+language model on real text per optimizer config, ``python -m
+fastadam.bench.convergence``).
 """
 __version__ = "0.1.0"

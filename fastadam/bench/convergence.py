@@ -64,6 +64,12 @@ def _fastadam_adamw(params, lr, weight_decay, **kw):
     return fat.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
 
 
+def _fastadam_adamw8bit(params, lr, weight_decay):
+    import fastadam.torch as fat
+
+    return fat.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
 def _torch_fused_adamw(params, lr, weight_decay):
     import torch
 
@@ -74,6 +80,7 @@ def _torch_fused_adamw(params, lr, weight_decay):
 CONFIGS: dict[str, Config] = {
     "float32": Config("fastadam AdamW, float32", "float32", _fastadam_adamw),
     "torch-fused": Config("torch AdamW(fused=True), float32", "float32", _torch_fused_adamw),
+    "q8": Config("fastadam AdamW8bit, 8-bit state", "float32", _fastadam_adamw8bit),
 }
 
 

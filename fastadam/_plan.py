@@ -202,9 +202,9 @@ def state_dtype(param_dtype, state_dtype=None, op="adam"):
         return pdt
     if isinstance(state_dtype, str) and state_dtype == Q8:
         if (op + "_q8", pdt, pdt, np.dtype(np.uint8)) not in _NAMES:
-            have = sorted({p for (o, p, _, _) in I.KERNELS if o == op + "_q8"})
+            q8_have = sorted({p for (o, p, _, _) in I.KERNELS if o == op + "_q8"})
             raise TypeError(f"state_dtype 'q8' is not supported for {pdt} parameters "
-                            f"(8-bit state is compiled for: {', '.join(have) or 'none'})")
+                            f"(8-bit state is compiled for: {', '.join(q8_have) or 'none'})")
         return Q8
     sdt = np.dtype(state_dtype)
     if not any(k[0] == op and k[1] == pdt and k[3] == sdt for k in _NAMES):

@@ -39,7 +39,7 @@ integer compare with it gives the exact nearest magnitude), checked against
 the reference quantiser here (:func:`quantize`, which searches the exact
 midpoints in double) in the tests.
 """
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -106,7 +106,7 @@ _UNSIGNED_HEX = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _map(signed):
     h = "".join(_SIGNED_HEX if signed else _UNSIGNED_HEX)
     bits = np.array([int(h[i:i + 8], 16) for i in range(0, len(h), 8)], dtype=np.uint32)
@@ -126,14 +126,14 @@ def n_blocks(n):
     return -(-int(n) // BLOCK)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _magnitudes(signed):
     """Magnitude table: signed map -> 0, p1..p127, 1.0 (129 values); unsigned -> the map."""
     m = _map(signed)
     return m[SIGNED_ZERO:].astype(np.float64) if signed else m.astype(np.float64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _midpoints(signed):
     """The exact midpoints of adjacent magnitudes (float64: exact for float32 neighbours)."""
     mag = _magnitudes(signed)
@@ -175,7 +175,7 @@ def _lut(signed):
     return (j_lo | (t << 8)).astype(np.int32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def tables():
     """The kernels' ``qtables`` buffer (uint8, read-only): float32 map1[256]
     (signed), map2[256] (unsigned), int32 lut1[nkeys signed], lut2[nkeys

@@ -939,7 +939,7 @@ def plan_adam8bit(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Seq
     keys: dict[tuple[Any, Any], list[int]] = {}
     for i in range(n):
         nm = names or tuple(f"{name}[{lab(i)}]" for name in _Q8_LIST_NAMES)
-        key = _q8_entry(nm, *[lst[i] for lst in lists[:2]], [lst[i] for lst in lists[2:]])
+        key = _q8_entry(nm, lists[0][i], lists[1][i], [lst[i] for lst in lists[2:]])
         keys.setdefault(key, []).append(i)
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
     scaled, scale = check_grad_scale(grad_scale)

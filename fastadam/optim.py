@@ -221,21 +221,19 @@ class Adam(_Locked):
                 sts = [self.state.get(id(p)) or self._init_state(p, ams, sdt) for p, _ in pairs]
                 steps = [st["step"] + 1 for st in sts]
                 if sdt is not None:           # 8-bit state: its own plan (one call)
-                    q8 = [i for i, st in enumerate(sts) if "exp_avg_absmax" in st]
-                    if q8:
-                        sel = (lambda xs, q8=q8: [xs[i] for i in q8])
-                        qs = sel(sts)
+                    is_q8 = ["exp_avg_absmax" in st for st in sts]
+                    if any(is_q8):
+                        qp, qs, qsteps, qlab = (_take(xs, is_q8, True)
+                                                for xs in (pairs, sts, steps, labels))
                         plans.append((F.plan_adam8bit(
-                            [p for p, _ in sel(pairs)], [g for _, g in sel(pairs)],
-                            *[[st[k] for st in qs] for k in F._Q8_STATE], steps=sel(steps),
+                            [p for p, _ in qp], [g for _, g in qp],
+                            *[[st[k] for st in qs] for k in F._Q8_STATE], steps=qsteps,
                             lr=group["lr"], betas=group["betas"], eps=group["eps"],
                             weight_decay=group["weight_decay"],
                             decoupled_weight_decay=group["decoupled_weight_decay"],
                             maximize=group["maximize"], grad_scale=grad_scale,
-                            n_threads=self.n_threads, labels=sel(labels)),
-                            sel(pairs), qs, sel(steps), sel(labels)))
-                        rest = [i for i in range(len(sts)) if i not in set(q8)]
-                        pairs, sts, steps, labels = ([xs[i] for i in rest]
+                            n_threads=self.n_threads, labels=qlab), qp, qs, qsteps, qlab))
+                        pairs, sts, steps, labels = (_take(xs, is_q8, False)
                                                      for xs in (pairs, sts, steps, labels))
                         if not pairs:
                             continue
@@ -409,6 +407,11 @@ def _no_cross_group_alias(plans):
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _Q8_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")     # 8-bit state (with uint8 exp_avg[_sq])
+
+
+def _take(xs, mask, keep):
+    """The entries of ``xs`` whose ``mask`` entry is ``keep``."""
+    return [x for x, m in zip(xs, mask) if m is keep]
 
 
 def _check_state_dtype(value, where):

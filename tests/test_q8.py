@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from conftest import assert_bitwise, importable_isas, isa_module
 
-import fastadam as fa
 from fastadam import _interface as I
 from fastadam import _quant as Q
 from fastadam import _reference as R

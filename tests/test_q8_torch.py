@@ -67,7 +67,9 @@ def test_follows_torch_adamw_to_quantisation_error():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 8))
     ref = copy.deepcopy(model)
-    opt = fat.AdamW8bit(model.parameters(), lr=3e-3)
+    # one thread: small arrays, and an OpenMP team waiting for time slices on a
+    # shared machine would only slow the test
+    opt = fat.AdamW8bit(model.parameters(), lr=3e-3, n_threads=1)
     ropt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
     x, y = torch.randn(256, 64), torch.randn(256, 8)
     losses = []

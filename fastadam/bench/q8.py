@@ -54,12 +54,11 @@ def _state_bytes(arrays, n):
 
 
 def _fastadam_q8(c, t):
-    from .. import functional as F
     from .. import _plan
-    sts = [F.new_state8bit(p.shape) if _plan.state_format(p.dtype, p.size, "q8") == "q8"
-           else None for p in c.params]
-    q8 = [i for i, st in enumerate(sts) if st is not None]
-    f32 = [i for i, st in enumerate(sts) if st is None]
+    from .. import functional as F
+    q8 = [i for i, p in enumerate(c.params) if _plan.state_format(p.dtype, p.size, "q8") == "q8"]
+    f32 = [i for i in range(len(c.params)) if i not in set(q8)]
+    sts = {i: F.new_state8bit(c.params[i].shape) for i in q8}
     small = {i: (np.zeros_like(c.params[i]), np.zeros_like(c.params[i])) for i in f32}
     step = {"t": 0}
     qp, qg = [c.params[i] for i in q8], [c.grads[i] for i in q8]
@@ -187,7 +186,7 @@ def cases_for(run):
 
 def q8_scenario(run):
     """``q8``: 8-bit AdamW against float32 and the 8-bit peers (see the module doc)."""
-    from .scenarios import _rec, _peer_names, measure_case
+    from .scenarios import _peer_names, _rec, measure_case
     out: list[dict[str, Any]] = []
     names = _peer_names(run, tuple(PEERS))
     for t in run.threads_many:

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from . import bound as B
-from . import q8 as _q8
-from .q8 import PEERS as Q8_PEERS  # noqa: F401  (cli's --peers)
 from . import peers as P
+from . import q8 as _q8
 from . import timing
 from .machine import bound_for, note_bound
+from .q8 import PEERS as Q8_PEERS  # noqa: F401  (cli's --peers)
 
 if TYPE_CHECKING:
     from .cli import Run

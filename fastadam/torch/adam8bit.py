@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import Optimizer
 
-from .. import _quant
-from .. import _threads
+from .. import _quant, _threads
 from .. import functional as _F
 from .._validate import check_grad_scale, check_hyper, check_state_step
 from . import _views as V
@@ -142,7 +141,7 @@ class Adam8bit(Optimizer):
         if len(groups) != len(self.param_groups):
             raise ValueError(f"{cls}.load_state_dict: {len(groups)} param groups, the "
                              f"optimizer has {len(self.param_groups)}")
-        params = {}
+        params: dict[Any, Any] = {}
         for gi, (g, sg) in enumerate(zip(self.param_groups, groups)):
             if len(sg["params"]) != len(g["params"]):
                 raise ValueError(f"{cls}.load_state_dict: param group {gi} has "
@@ -178,8 +177,9 @@ class Adam8bit(Optimizer):
     # -- the step -------------------------------------------------------------
     def _gather(self, gi, group):
         cls = type(self).__name__
-        q8 = ([], [], [[] for _ in _Q8], [], [])         # ps, gs, state lists, steps, labels
-        f32 = ([], [], [[] for _ in _F32], [], [])
+        # per kind: params, grads, state lists, step views, labels
+        q8: tuple[list[Any], ...] = ([], [], [[] for _ in _Q8], [], [])
+        f32: tuple[list[Any], ...] = ([], [], [[] for _ in _F32], [], [])
         tparams = []
         for i, p, g in V.stepped(cls, {}, gi, group["params"]):
             where = f"parameter {i} of param group {gi}"
@@ -199,6 +199,7 @@ class Adam8bit(Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=V.scalar_dtype())
                 state.update(_q8_state(p) if _is_q8(p) else V.new_state(p, _F32))
             sv = V.step_view(state, where)
+            keys: tuple[str, ...]
             if "exp_avg_absmax" in state:
                 _check_q8_tensors(f"{cls}: state of {where}", state, p)
                 dst, keys = q8, _Q8
@@ -298,8 +299,10 @@ def to_bitsandbytes_state(state: dict[str, Any]) -> dict[str, Any]:
     >>> p = torch.nn.Parameter(torch.zeros(5000)); p.grad = torch.ones(5000)
     >>> opt = fat.AdamW8bit([p]); opt.step()
     >>> st = fat.to_bitsandbytes_state(opt.state[p])
-    >>> sorted(st), st["state1"].dtype, st["absmax1"].shape
-    (['absmax1', 'absmax2', 'qmap1', 'qmap2', 'state1', 'state2', 'step'], torch.uint8, torch.Size([20]))
+    >>> sorted(st)
+    ['absmax1', 'absmax2', 'qmap1', 'qmap2', 'state1', 'state2', 'step']
+    >>> st["state1"].dtype, st["absmax1"].shape
+    (torch.uint8, torch.Size([20]))
     """
     step = state.get("step", 0)
     out: dict[str, Any] = {"step": int(V.num(step) if isinstance(step, torch.Tensor)

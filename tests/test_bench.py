@@ -87,7 +87,10 @@ def test_smoke_q8_scenario(smoke):
     for r in recs:
         assert r["ns_per_elem"] > 0 and r["state_bytes_per_param"] > 0
         if r["impl"] == "fastadam-q8":
-            assert r["bytes_per_elem"] < 16.1 and r["state_bytes_per_param"] <= 2.1, r
+            # <= 2.1 B/param for an array of 4096+ elements; a model's small arrays
+            # keep float32 state
+            limit = 2.1 if r["arrays"] == 1 else 2.5
+            assert r["bytes_per_elem"] < 16.1 and r["state_bytes_per_param"] <= limit, r
         if r["impl"] in ("fastadam", "torch-fused"):
             assert r["bytes_per_elem"] == 28 and r["state_bytes_per_param"] == 8, r
     assert "8-bit state (q8)" in stdout

@@ -13,9 +13,13 @@ below, and nowhere else:
 * ``FLAGS`` -- the per-call switches, bits of the ``flags`` int.
 * ``DTYPES`` -- the element types a buffer may have (numpy name -> C type
   and codec: how a non-native format is widened and rounded).
-* ``COMBOS`` -- the (param, grad, state) dtype combinations compiled, each
-  with a suffix; ``KERNELS`` -- ``(op, param dtype, grad dtype, state
-  dtype) -> name`` for every op and combination. ``fastadam._plan``
+* ``COMBOS`` -- the (param, grad, state) dtype combinations compiled for
+  every op, each with a suffix; ``DENSE_COMBOS`` -- those compiled for the
+  dense ops only (16-bit gradients, which the sparse path does not take);
+  ``SR_COMBOS`` / ``COPY_COMBOS`` -- the combinations of the stochastic-rounding
+  ops and of the ``param_copy`` ops. ``KERNELS`` -- ``(op, param dtype, grad
+  dtype, state dtype) -> name`` for every op and combination (the copy ops:
+  ``(op, param, grad, state, param_copy dtype)``). ``fastadam._plan``
   selects a kernel by that key with one dict lookup; validation asks the
   same table which combinations exist. The template generates one function
   per entry, with one explicit name per combination (``adam32``,
@@ -65,7 +69,13 @@ FLAGS = (
 DTYPES = {
     "float32": ("float", None),
     "float64": ("double", None),
+    # 16-bit formats, widened exactly and rounded to nearest even (the codecs
+    # ``bf16`` / ``f16``); numpy names them ml_dtypes.bfloat16 / np.float16
+    "bfloat16": ("uint16_t", "bf16"),
+    "float16": ("uint16_t", "f16"),
 }
+# Formats with a stochastic-rounding store (``_st_<codec>_sr(x, random bits)``).
+SR_CODECS = ("bf16",)
 
 # compute C type -> (suffix, fma, sqrt, largest finite value, macro that is 1
 # where the compiler has hardware fma for it)
@@ -79,13 +89,51 @@ C_MATH = {
 COMBOS = {
     "32": ("float32", "float32", "float32"),
     "64": ("float64", "float64", "float64"),
+    # float32 params, bfloat16 moments (DeepSpeed's bf16 optimizer states)
+    "32_bf16s": ("float32", "float32", "bfloat16"),
 }
 
 # The ops every combination has (one compiled function each).
 OPS = ("adam", "adam_multi", "sparse_adam")
+DENSE_OPS = ("adam", "adam_multi")
 
-# (op, param dtype, grad dtype, state dtype) -> compiled name, e.g. "adam32"
-KERNELS = {(op,) + combo: op + sfx for op in OPS for sfx, combo in COMBOS.items()}
+# Combinations compiled for the dense ops only (suffix -> (param, grad, state)).
+DENSE_COMBOS = {
+    "bf16": ("bfloat16", "bfloat16", "bfloat16"),     # torch fused on bf16, bit for bit
+    "f16": ("float16", "float16", "float16"),         # torch fused on fp16, bit for bit
+    "32_bf16g": ("float32", "bfloat16", "float32"),   # grads from an accelerator
+    "32_f16g": ("float32", "float16", "float32"),
+    "32_bf16gs": ("float32", "bfloat16", "bfloat16"),  # offload: bf16 grads and moments
+}
+
+# Stochastic rounding of the bfloat16 buffers that have no float32 master
+# (params and/or state): ops ``adam_sr``/``adam_sr_multi`` take a per-array
+# 64-bit key (``sr_key`` / ``sr_keys``: from seed and step, _plan.sr_key).
+SR_OPS = ("adam_sr", "adam_sr_multi")
+SR_COMBOS = ("bf16", "32_bf16s", "32_bf16gs")
+
+# float32 master params whose update is also written, rounded to nearest
+# even, to a 16-bit ``param_copy`` in the same pass (suffix -> (param, grad,
+# state, param_copy)); ops ``adam_copy``/``adam_copy_multi``.
+COPY_OPS = ("adam_copy", "adam_copy_multi")
+COPY_COMBOS = {
+    "32_cbf16": ("float32", "float32", "float32", "bfloat16"),
+    "32_cf16": ("float32", "float32", "float32", "float16"),
+    "32_bf16g_cbf16": ("float32", "bfloat16", "float32", "bfloat16"),
+    "32_f16g_cf16": ("float32", "float16", "float32", "float16"),
+    "32_bf16gs_cbf16": ("float32", "bfloat16", "bfloat16", "bfloat16"),
+}
+
+_ALL = {**COMBOS, **DENSE_COMBOS}
+# (op, param dtype, grad dtype, state dtype) -> compiled name, e.g. "adam32";
+# the copy ops' keys end with the param_copy dtype
+KERNELS: dict[tuple[str, ...], str] = {(op,) + combo: op + sfx for op in OPS
+                                       for sfx, combo in COMBOS.items()}
+KERNELS.update({(op,) + combo: op + sfx for op in DENSE_OPS
+                for sfx, combo in DENSE_COMBOS.items()})
+KERNELS.update({(op,) + _ALL[sfx]: op + sfx for op in SR_OPS for sfx in SR_COMBOS})
+KERNELS.update({(op,) + combo: op + sfx for op in COPY_OPS
+                for sfx, combo in COPY_COMBOS.items()})
 
 # The gradient-norm kernel, by gradient dtype.
 NORM_KERNELS = {"float32": "sumsq_multi32", "float64": "sumsq_multi64"}
@@ -99,6 +147,12 @@ SIGNATURES = {
                    "offsets", "neg_step_sizes", "bc2_sqrts"),
     "sparse_adam": ("table", "indices", "grad_rows", "exp_avg", "exp_avg_sq",
                     "max_exp_avg_sq", "row_step"),
+    "adam_sr": ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "sr_key"),
+    "adam_sr_multi": ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+                      "offsets", "neg_step_sizes", "bc2_sqrts", "sr_keys"),
+    "adam_copy": ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "param_copy"),
+    "adam_copy_multi": ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
+                        "offsets", "neg_step_sizes", "bc2_sqrts", "param_copies"),
 }
 TRAILING = ("args", "flags", "n_threads")
 
@@ -148,8 +202,36 @@ def combos():
 
 
 def codecs(sfx):
-    """For the templates: the codecs of combination ``sfx``'s param, grad, state."""
-    return tuple(DTYPES[name][1] for name in COMBOS[sfx])
+    """For the templates: the codecs of combination ``sfx``'s param, grad, state
+    (and param_copy, for a copy combination)."""
+    combo = COMBOS.get(sfx) or DENSE_COMBOS.get(sfx) or COPY_COMBOS[sfx]
+    return tuple(DTYPES[name][1] for name in combo)
+
+
+def dense_families():
+    """For the dense template: ``(kind, suffix, TP, TG, TS, TC, TCOPY)`` per
+    compiled family of dense kernels; ``kind`` is ``""`` (ops adam /
+    adam_multi), ``"sr"`` or ``"copy"``; ``TCOPY`` the param_copy C type or None."""
+    out: list[tuple[str, str, str, str, str, str, str | None]] = []
+    for sfx, (p, g, s) in _ALL.items():
+        out.append(("", sfx, DTYPES[p][0], DTYPES[g][0], DTYPES[s][0],
+                    DTYPES[compute_dtype(p)][0], None))
+    for sfx in SR_COMBOS:
+        p, g, s = _ALL[sfx]
+        out.append(("sr", sfx, DTYPES[p][0], DTYPES[g][0], DTYPES[s][0],
+                    DTYPES[compute_dtype(p)][0], None))
+    for sfx, (p, g, s, c) in COPY_COMBOS.items():
+        out.append(("copy", sfx, DTYPES[p][0], DTYPES[g][0], DTYPES[s][0],
+                    DTYPES[compute_dtype(p)][0], DTYPES[c][0]))
+    return out
+
+
+def pruned(sfx):
+    """Whether the dense loops of combination ``sfx`` are compiled with fewer
+    variants (build time): the lerp formula chosen by a select in the loop
+    instead of a variant, and no ``bc2_sqrt == 1`` variant (8 loops instead
+    of 32). The float32/float64 combinations keep all 32."""
+    return sfx not in ("32", "64")
 
 
 def ctypes():
@@ -162,9 +244,18 @@ def load(codec, compute_ctype, expr):
     return f"(<{compute_ctype}>{expr})" if codec is None else f"_ld_{codec}({expr})"
 
 
-def store(codec, ctype, expr):
-    """For the templates: C code rounding compute-type ``expr`` to a buffer element."""
-    return f"<{ctype}>{expr}" if codec is None else f"_st_{codec}({expr})"
+def store(codec, ctype, expr, tail=False, sr=None):
+    """For the templates: C code rounding compute-type ``expr`` to a buffer element.
+
+    ``tail``: in torch's scalar tail (a codec may round NaN differently there,
+    as torch's scalar conversion does); ``sr``: C expression of 32 random bits
+    for a stochastic-rounding store (codecs in ``SR_CODECS`` only).
+    """
+    if codec is None:
+        return f"<{ctype}>{expr}"
+    if sr is not None and codec in SR_CODECS:
+        return f"_st_{codec}_sr({expr}, {sr})"
+    return f"_st_{codec}{'_tail' if tail else ''}({expr})"
 
 
 def compute_types():

@@ -32,9 +32,11 @@ import numpy as np
 
 from . import _dispatch
 from . import _interface as I
+from ._validate import KERNEL_DTYPES, numpy_dtype  # noqa: F401  (re-exported)
 
 __all__ = ["Kernels", "KERNELS", "hyper_args", "with_step", "dense_step_scalars",
            "sparse_neg_step_size", "state_dtype", "torch_vector_bytes", "VECTOR_BYTES",
+           "numpy_dtype", "DTYPES", "STATE_DTYPE_NAMES", "sr_key", "array_seed",
            "Q8", "state_format"]
 
 VECTOR_BYTES_ENV = "FASTADAM_TORCH_VECTOR_BYTES"
@@ -74,17 +76,23 @@ def torch_vector_bytes(env=None, machine=None):
 # Read once at import; the kernels get it per call (args' ``vec_bytes``).
 VECTOR_BYTES, VECTOR_BYTES_REASON = torch_vector_bytes()
 
+# every kernel dtype numpy can name here, by interface name
+# the kernels' dtypes by interface name, and the 8-bit state's uint8 codes
+DTYPES = dict(KERNEL_DTYPES, uint8=np.dtype(np.uint8))
+
 _CACHED = I.SCALAR_NAMES[:-len(I.STEP_SCALARS)]
 _L2 = I.FLAG_BITS["l2"]
 _SCALED = I.FLAG_BITS["scaled"]
 _ROWWISE = I.FLAG_BITS["rowwise"]
 # (op, param, grad, state) np.dtype -> compiled name
-_NAMES = {(op, np.dtype(p), np.dtype(g), np.dtype(s)): name
-          for (op, p, g, s), name in I.KERNELS.items()}
+# (op, param, grad, state) np.dtype -> compiled name (the copy ops: + param_copy dtype);
+# combinations with a dtype numpy cannot name here are left out
+_NAMES = {(key[0],) + tuple(DTYPES[d] for d in key[1:]): name
+          for key, name in I.KERNELS.items() if all(d in DTYPES for d in key[1:])}
 
 
 def _combos(op):
-    return sorted({(p, g, s) for (o, p, g, s) in I.KERNELS if o == op})
+    return sorted({k[1:4] for k in I.KERNELS if k[0] == op and all(d in DTYPES for d in k[1:])})
 
 
 class Kernels:
@@ -101,14 +109,22 @@ class Kernels:
                          for op in I.OPS for code, dt in enumerate(homogeneous)
                          if (op, dt, dt, dt) in self._by_key}
 
-    def get(self, op, param, grad, state, names=("param", "grad", "exp_avg")):
+    def get(self, op, param, grad, state, names=("param", "grad", "exp_avg"), copy=None):
         """The kernel of ``op`` for these dtypes (``np.dtype``), or a TypeError.
 
-        ``names``: what the message calls the param, grad and state buffers.
+        ``names``: what the message calls the param, grad and state buffers;
+        ``copy``: the param_copy dtype (the copy ops, ``names[3]`` its name).
         """
-        fn = self._by_key.get((op, param, grad, state))
+        key = (op, param, grad, state) if copy is None else (op, param, grad, state, copy)
+        fn = self._by_key.get(key)
         if fn is not None:
             return fn
+        if copy is not None:
+            copies = sorted({k[1:] for k in I.KERNELS if k[0] == op})
+            raise TypeError(f"{names[3]}: no kernel writes a {copy} param_copy for "
+                            f"{names[0]} {param}, {names[1]} {grad}, {names[2]} {state}; "
+                            "supported (param, grad, state, param_copy): "
+                            + ", ".join("(" + ", ".join(c) + ")" for c in copies))
         combos = _combos(op)
         have = ", ".join("(" + ", ".join(c) + ")" for c in combos)
         if not any(p == param.name for p, _, _ in combos):
@@ -193,25 +209,89 @@ def sparse_neg_step_size(step, lr, beta1, beta2):
 Q8 = "q8"
 
 
+#: Names ``state_dtype=`` accepts besides numpy dtypes, dtype names and types
+#: (a new state format is one entry here plus its kernels).
+STATE_DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+                     "half": "float16", "float16": "float16", "fp32": "float32",
+                     "float": "float32", "float32": "float32", "fp64": "float64",
+                     "double": "float64", "float64": "float64"}
+
+
+def state_dtype_name(value):
+    """The interface name of a ``state_dtype=`` value (a name of
+    :data:`STATE_DTYPE_NAMES`, a numpy dtype or type, ``ml_dtypes.bfloat16``,
+    a ``torch.dtype``), or a TypeError naming the argument."""
+    if isinstance(value, str):
+        if value.lower() == Q8:        # 8-bit blockwise state: its own kernels
+            return Q8
+        name = STATE_DTYPE_NAMES.get(value.lower())
+        if name is None:
+            raise TypeError(f"state_dtype {value!r} is not a known name (known: "
+                            f"{', '.join(sorted([*STATE_DTYPE_NAMES, Q8]))})")
+        return name
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        return state_dtype_name(str(value).replace("torch.", ""))
+    try:
+        dt = np.dtype(value)
+    except TypeError:
+        raise TypeError(f"state_dtype must be a dtype or one of "
+                        f"{', '.join(sorted(STATE_DTYPE_NAMES))}, got {value!r:.40}") from None
+    for name, known in DTYPES.items():
+        if dt == known:
+            return name
+    raise TypeError(f"state_dtype {dt} has no kernels (state dtypes: "
+                    f"{', '.join(sorted(set(STATE_DTYPE_NAMES.values())))})")
+
+
 def state_dtype(param_dtype, state_dtype=None, op="adam"):
     """The dtype of the optimizer state for parameters of ``param_dtype``:
-    ``state_dtype`` if given (a kernel must exist for it), else the param's;
-    ``"q8"`` (:data:`Q8`) if that is asked for and compiled for the param's dtype."""
+    ``state_dtype`` if given -- a dtype-like or a name (``"bf16"``,
+    ``"float32"``, ...: :data:`STATE_DTYPE_NAMES`), and a kernel must exist
+    for it -- else the param's; ``"q8"`` (:data:`Q8`, 8-bit blockwise state) if
+    that is asked for and compiled for the param's dtype. The one place a state
+    dtype is chosen."""
     pdt = np.dtype(param_dtype)
     if state_dtype is None:
         return pdt
-    if isinstance(state_dtype, str) and state_dtype == Q8:
+    name = state_dtype_name(state_dtype)
+    if name is Q8:
         if (op + "_q8", pdt, pdt, np.dtype(np.uint8)) not in _NAMES:
-            q8_have = sorted({p for (o, p, _, _) in I.KERNELS if o == op + "_q8"})
+            q8_have = sorted({k[1] for k in I.KERNELS if k[0] == op + "_q8"})
             raise TypeError(f"state_dtype 'q8' is not supported for {pdt} parameters "
                             f"(8-bit state is compiled for: {', '.join(q8_have) or 'none'})")
         return Q8
-    sdt = np.dtype(state_dtype)
+    if name not in DTYPES:
+        raise TypeError(f"state_dtype {name} needs the ml_dtypes package "
+                        "(pip install ml_dtypes, or fastadam[bf16])")
+    sdt = DTYPES[name]
     if not any(k[0] == op and k[1] == pdt and k[3] == sdt for k in _NAMES):
-        have = ", ".join(sorted({s for (o, p, _, s) in I.KERNELS if o == op and p == pdt.name}))
-        raise TypeError(f"state_dtype {sdt} is not supported for {pdt} parameters "
+        have = ", ".join(sorted({k[3] for k in I.KERNELS if k[0] == op and k[1] == pdt.name}))
+        raise TypeError(f"state_dtype {name} is not supported for {pdt} parameters "
                         f"(supported: {have or 'none'})")
     return sdt
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def sr_key(seed, step):
+    """The 64-bit stochastic-rounding key of one array at one step (an int):
+    splitmix64 of the seed, mixed with the step. The kernels hash it with each
+    element's index (``_sr_hash`` in the kernel template)."""
+    return _splitmix64(_splitmix64(seed & _M64) ^ (step & _M64))
+
+
+def array_seed(seed, index):
+    """The seed of entry ``index`` of an optimizer seeded with ``seed``: each
+    parameter gets its own stream of rounding bits."""
+    return _splitmix64((seed & _M64) ^ _splitmix64(index & _M64))
 
 
 def state_format(param_dtype, size, state_dtype_=None, op="adam"):

@@ -24,6 +24,92 @@ def _fma(a, b, c):
     return a * b + c
 
 
+# ------------------------------------------------------- 16-bit formats (issue 12)
+#
+# bfloat16 (``ml_dtypes.bfloat16``) and float16 (``np.float16``) buffers are
+# widened exactly to float32, the step is computed in float32, and each
+# result is rounded once to the buffer's format: round to nearest even
+# (:func:`round_rne`), or stochastically (:func:`round_sr`, bfloat16 only)
+# with the bits of :func:`sr_bits`.
+
+_M32 = np.uint32(0xFFFFFFFF)
+
+
+def compute_dtype(dtype):
+    """The arithmetic dtype of a buffer dtype: float64 for float64, else float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _is_bf16(dtype):
+    return np.dtype(dtype).name == "bfloat16"
+
+
+def round_rne(x, dtype, tail=None):
+    """float32 ``x`` rounded to nearest even in ``dtype`` (bfloat16/float16;
+    float32/float64: a cast). NaN becomes torch's NaN: for bfloat16 0xffff
+    in torch's vector loop and 0x7fc0 in its scalar tail (``tail``: a
+    boolean mask of the tail elements); for float16 sign | 0x7e00."""
+    dtype = np.dtype(dtype)
+    if dtype in (np.float32, np.float64):
+        return np.asarray(x).astype(dtype)
+    x = np.asarray(x, np.float32)
+    if _is_bf16(dtype):
+        u = x.view(np.uint32).astype(np.uint64)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = np.uint16(0xFFFF) if tail is None else np.where(tail, np.uint16(0x7FC0),
+                                                              np.uint16(0xFFFF))
+        return np.where(np.isnan(x), nan, r).astype(np.uint16).view(dtype)
+    with np.errstate(all="ignore"):
+        h = x.astype(np.float16)                     # numpy: RNE, subnormals, inf
+    sign = (x.view(np.uint32) >> 16).astype(np.uint16) & np.uint16(0x8000)
+    return np.where(np.isnan(x), sign | np.uint16(0x7E00),
+                    h.view(np.uint16)).astype(np.uint16).view(np.float16)
+
+
+def _mix32(x):
+    x = np.asarray(x, np.uint32)
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def sr_bits(key, n, start=0):
+    """The kernels' 32 random bits ``h`` of elements ``start .. start + n - 1``
+    of an array with 64-bit key ``key`` (``fastadam._plan.sr_key(seed, step)``),
+    and ``h2 = mix32(h ^ 0x9e3779b9)``. Each element's param rounds with
+    ``h >> 16``, its exp_avg with ``h & 0xffff``, exp_avg_sq with
+    ``h2 >> 16``, max_exp_avg_sq with ``h2 & 0xffff``::
+
+        h = mix32(mix32(lo32(i) ^ lo32(key)) ^ hi32(key) ^ hi32(i))
+
+    with mix32 the "lowbias32" integer hash (two xor-shift-multiply rounds).
+    """
+    idx = np.arange(start, start + n, dtype=np.uint64)
+    lo = (idx & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    hi = (idx >> np.uint64(32)).astype(np.uint32)
+    klo = np.uint32(key & 0xFFFFFFFF)
+    khi = np.uint32(key >> 32)
+    h = _mix32(_mix32(lo ^ klo) ^ (hi ^ khi))
+    return h, _mix32(h ^ np.uint32(0x9E3779B9))
+
+
+def round_sr(x, r16):
+    """float32 ``x`` rounded stochastically to bfloat16 with 16 random bits
+    ``r16`` per element: the bits of ``x`` plus ``r16``, truncated to the upper
+    half -- rounds up with probability (discarded part) / 2**16, so the
+    expected value is ``x``. A finite ``x`` never becomes inf (the largest
+    finite bfloat16 instead); inf and NaN round as :func:`round_rne`."""
+    import ml_dtypes
+    x = np.asarray(x, np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    t = ((u + np.asarray(r16, np.uint64)) >> 16).astype(np.uint32)
+    t = np.where((t & 0x7FFF) == 0x7F80, t - 1, t).astype(np.uint16)
+    rne = round_rne(x, ml_dtypes.bfloat16).view(np.uint16)
+    return np.where(np.isfinite(x), t, rne).astype(np.uint16).view(ml_dtypes.bfloat16)
+
+
 def _torch_lanes(dtype, vector_bytes):
     """torch's ``Vectorized<scalar_t>::size()``: elements per vector of ``vector_bytes``."""
     if vector_bytes is None:
@@ -40,7 +126,8 @@ def _vmax(vmax, v):
 
 def adam(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
          weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, max_exp_avg_sq=None,
-         maximize=False, grad_scale=None, vector_bytes=None):
+         maximize=False, grad_scale=None, vector_bytes=None, param_copy=None,
+         stochastic_rounding=False, seed=0):
     """Dense Adam/AdamW step (torch fused arithmetic), in place on the arrays given.
 
     torch's CPU kernel (``FusedAdamKernel.cpp``, ``adam_math``) runs a vector
@@ -54,13 +141,23 @@ def adam(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
 
     and differ only in the second moment: the vector loop
     ``v = fma(c2 * g, g, v * b2)``, the scalar tail ``v = fma(v, b2, (c2 * g) * g)``.
+
+    16-bit buffers are widened to float32 and every result is rounded once,
+    at the end, to its buffer's format (the arithmetic uses the unrounded
+    values, as torch does); ``lanes`` counts elements of the param's dtype.
+    ``param_copy``: also write the new param, rounded to nearest even, there.
+    ``stochastic_rounding``: round the bfloat16 buffers with
+    :func:`round_sr` and the bits of ``sr_bits(sr_key(seed, step), n)``.
     """
-    dt = param.dtype
+    dt = compute_dtype(param.dtype)
     b1, b2 = betas
     n = param.size
     tail = np.zeros(param.shape, dtype=bool)
-    tail.reshape(-1)[n - n % _torch_lanes(dt, vector_bytes):] = True
-    g = np.array(grad, dtype=dt, copy=True)
+    tail.reshape(-1)[n - n % _torch_lanes(param.dtype, vector_bytes):] = True
+    bufs = (param, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    param, exp_avg, exp_avg_sq, max_exp_avg_sq = (
+        None if b is None else np.asarray(b).astype(dt) for b in bufs)
+    g = np.array(np.asarray(grad).astype(dt), copy=True)
     if maximize:
         g = -g
     if grad_scale is not None:
@@ -80,7 +177,6 @@ def adam(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
                  _fma(c2 * g, g, exp_avg_sq * fb2))                   # vector loop
     if amsgrad:
         u = _vmax(max_exp_avg_sq, v)
-        max_exp_avg_sq[...] = u
     else:
         u = v
     bc1 = 1.0 - b1 ** step
@@ -88,9 +184,20 @@ def adam(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
     step_size = lr / bc1
     denom = np.sqrt(u) / _fl(dt, math.sqrt(bc2)) + _fl(dt, eps)
     p = p + (_fl(dt, -step_size) * m) / denom
-    param[...] = p
-    exp_avg[...] = m
-    exp_avg_sq[...] = v
+    if stochastic_rounding:
+        from ._plan import sr_key
+        h, h2 = sr_bits(sr_key(seed, step), n)
+        r = {0: h >> 16, 1: h & 0xFFFF, 2: h2 >> 16, 3: h2 & 0xFFFF}
+    outs = (p, m, v, u if amsgrad else None)
+    for k, (buf, val) in enumerate(zip(bufs, outs)):
+        if buf is None or val is None:
+            continue
+        if stochastic_rounding and _is_bf16(buf.dtype):
+            buf[...] = round_sr(val.reshape(-1), r[k]).reshape(buf.shape)
+        else:
+            buf[...] = round_rne(val, buf.dtype, tail)
+    if param_copy is not None:
+        param_copy[...] = round_rne(p, param_copy.dtype, tail)
 
 
 def adamw(param, grad, exp_avg, exp_avg_sq, *, step, weight_decay=1e-2, **kw):

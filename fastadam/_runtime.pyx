@@ -17,6 +17,10 @@ x86-64 CPU before a kernel module is chosen. Contract:
   process start now (each started, then joined), so that the OpenMP runtime is
   never asked for a team it cannot create: GNU libgomp exits the process when
   thread creation fails (``fastadam._threads``).
+* ``common_step`` / ``set_steps`` -- read and write the 0-d step counters of
+  many torch state tensors by address; ``first_hit`` -- the first of many
+  byte ranges that overlaps a sorted set of output ranges (the torch layer's
+  per-step checks, one call per param group).
 """
 cimport numpy as cnp
 from libc.stdint cimport int64_t, intptr_t, INT64_MIN
@@ -338,3 +342,60 @@ def first_conflict(const int64_t[::1] lo, const int64_t[::1] nbytes, const signe
         return None
     finally:
         free(s)
+
+
+# ------------------------------------------------- torch layer: scalar steps, grad ranges
+
+def common_step(const int64_t[::1] ptrs, const signed char[::1] is64):
+    """The value of the 0-d step counters at ``ptrs`` (a float32, or float64
+    where ``is64[i]``) when they all hold the same one, else -1.0 (0 counters:
+    -1.0). The addresses are the live ``data_ptr()`` of the state tensors,
+    checked by the caller in the same step."""
+    cdef Py_ssize_t i, n = ptrs.shape[0]
+    cdef double v, first = -1.0
+    for i in range(n):
+        if is64[i]:
+            v = (<const double*><intptr_t>ptrs[i])[0]
+        else:
+            v = (<const float*><intptr_t>ptrs[i])[0]
+        if i == 0:
+            first = v
+        elif v != first:
+            return -1.0
+    return first
+
+
+def set_steps(const int64_t[::1] ptrs, const signed char[::1] is64, double value):
+    """Write ``value`` into every 0-d step counter at ``ptrs`` (as
+    :func:`common_step` reads them), rounded once to each counter's dtype."""
+    cdef Py_ssize_t i, n = ptrs.shape[0]
+    for i in range(n):
+        if is64[i]:
+            (<double*><intptr_t>ptrs[i])[0] = value
+        else:
+            (<float*><intptr_t>ptrs[i])[0] = <float>value
+
+
+def first_hit(const int64_t[::1] out_lo, const int64_t[::1] out_hi_max,
+              const int64_t[::1] lo, const int64_t[::1] nbytes):
+    """The index of the first range [lo[i], lo[i] + nbytes[i]) that overlaps one
+    of the output ranges, else -1. The outputs come sorted by start
+    (``out_lo``) with ``out_hi_max[k]`` the largest end among the first k + 1
+    of them; empty ranges never overlap. A binary search per range."""
+    cdef Py_ssize_t i, n = lo.shape[0], m = out_lo.shape[0], a, b, c
+    cdef int64_t s, e
+    for i in range(n):
+        s = lo[i]
+        e = s + nbytes[i]
+        if e == s:
+            continue
+        a, b = 0, m          # find the number of outputs that start before e
+        while a < b:
+            c = (a + b) // 2
+            if out_lo[c] < e:
+                a = c + 1
+            else:
+                b = c
+        if a > 0 and out_hi_max[a - 1] > s:
+            return i
+    return -1

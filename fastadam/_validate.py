@@ -16,9 +16,25 @@ from . import _interface, _runtime
 _INF = math.inf
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
-# every dtype some kernel takes, by identity (``dtype is``) and by equality
-_DTYPES = {np.dtype(name): np.dtype(name) for name in _interface.DTYPES}
-_DTYPE_LIST = " or ".join(_interface.DTYPES)
+def numpy_dtype(name):
+    """The numpy dtype of an ``_interface.DTYPES`` name, or None where numpy
+    cannot name it here: ``bfloat16`` is ``ml_dtypes.bfloat16`` (an optional
+    dependency: ``pip install fastadam[bf16]``)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+#: every kernel dtype numpy can name here, by interface name
+KERNEL_DTYPES = {name: dt for name in _interface.DTYPES if (dt := numpy_dtype(name)) is not None}
+# ... by identity (``dtype is``) and by equality
+_DTYPES = {dt: dt for dt in KERNEL_DTYPES.values()}
+_names = list(KERNEL_DTYPES)
+_DTYPE_LIST = ", ".join(_names[:-1]) + " or " + _names[-1]
 
 
 def describe(a):
@@ -252,5 +268,13 @@ def to_numpy(x):
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "detach"):  # torch tensor
-        return x.detach().cpu().numpy()
+        t = x.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":      # no numpy dtype: the bits, as ml_dtypes'
+            import torch
+            bf16 = numpy_dtype("bfloat16")
+            if bf16 is None:
+                raise TypeError("a bfloat16 tensor needs the ml_dtypes package to become "
+                                "a numpy array (pip install ml_dtypes)")
+            return t.contiguous().view(torch.int16).numpy().view(bf16)
+        return t.numpy()
     return np.asarray(x)

@@ -63,7 +63,9 @@ class _Bad(ValueError):
 
 # -- save ---------------------------------------------------------------------------------------
 
-def _as_array(value: Any, where: str) -> npt.NDArray[Any]:
+def _as_array(value: Any, where: str) -> Any:
+    """``value`` as a contiguous numeric ndarray; a bfloat16 array or tensor as
+    ``(its uint16 bits, "bfloat16")`` (numpy has no bfloat16 of its own)."""
     if hasattr(value, "detach") and hasattr(value, "numpy"):   # a torch tensor
         t = value.detach()
         if t.device.type != "cpu":
@@ -72,16 +74,34 @@ def _as_array(value: Any, where: str) -> npt.NDArray[Any]:
             t = t.resolve_conj()
         if t.is_neg():
             t = t.resolve_neg()
+        if str(t.dtype) == "torch.bfloat16":    # saved as its bits (see _encode)
+            import torch
+            return np.ascontiguousarray(t.contiguous().view(torch.int16).numpy()
+                                        .view(np.uint16)), "bfloat16"
         try:
             arr = t.numpy()
-        except TypeError as e:   # e.g. bfloat16: no numpy dtype
+        except TypeError as e:   # a dtype without a numpy counterpart
             raise TypeError(f"{where}: a tensor of dtype {t.dtype} cannot be saved ({e})") from None
     else:
         arr = value
+    if arr.dtype.name == "bfloat16" and arr.dtype.kind == "V":     # ml_dtypes.bfloat16
+        return np.ascontiguousarray(arr).view(np.uint16), "bfloat16"
     if arr.dtype.hasobject or arr.dtype.kind not in "biufc":
         raise TypeError(f"{where}: arrays of dtype {arr.dtype} cannot be saved (numeric "
                         "arrays only; checkpoints are never pickled)")
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), None
+
+
+def _from_bits(bits: npt.NDArray[Any], fmt: Any, where: str) -> npt.NDArray[Any]:
+    """The array of a 16-bit ``format`` saved as its uint16 bits."""
+    if fmt != "bfloat16" or bits.dtype != np.uint16:
+        raise _Bad(f"{where}: unknown array format {fmt!r} for {bits.dtype}")
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise _Bad(f"{where} is bfloat16: loading it needs the ml_dtypes package "
+                   "(pip install ml_dtypes)") from None
+    return bits.view(ml_dtypes.bfloat16)
 
 
 def _is_array(value: Any) -> bool:
@@ -91,7 +111,9 @@ def _is_array(value: Any) -> bool:
 def _number(value: Any, where: str) -> Any:
     """A JSON scalar from a Python/numpy scalar or a 1-element array/tensor."""
     if _is_array(value):
-        arr = _as_array(value, where)
+        arr, fmt = _as_array(value, where)
+        if fmt is not None:
+            arr = _from_bits(arr, fmt, where)
         if arr.size != 1:
             raise TypeError(f"{where}: an array of shape {arr.shape} cannot be a param group "
                             "value (numbers, strings, lists and dicts only)")
@@ -175,11 +197,13 @@ def _encode(state_dict: Any) -> tuple[bytes, list[tuple[str, npt.NDArray[Any]]]]
             if k == "step":
                 entries[k] = {"kind": "step", "value": _step(v, f"{where} 'step'")}
             elif _is_array(v):
-                arr = _as_array(v, f"{where} '{k}'")
+                arr, fmt = _as_array(v, f"{where} '{k}'")
                 member = f"a{len(arrays)}"
                 arrays.append((member, arr))
                 entries[k] = {"kind": "array", "member": member, "dtype": arr.dtype.str,
                               "shape": list(arr.shape), "crc32": _crc32(arr)}
+                if fmt is not None:        # a 16-bit format held as uint16 bits
+                    entries[k]["format"] = fmt
             else:
                 entries[k] = {"kind": "value", "value": _jsonable(v, f"{where} '{k}'")}
         state_meta[str(i)] = entries
@@ -356,6 +380,8 @@ def _decode(zf: zipfile.ZipFile) -> StateDict:
                 st[k] = _load_step(e.get("value"), f"state {key}")
             elif kind == "array":
                 st[k] = _read(zf, f"{e.get('member')}.npy", e)
+                if "format" in e:
+                    st[k] = _from_bits(st[k], e["format"], f"state {key} '{k}'")
             elif kind == "value":
                 st[k] = e.get("value")
             else:

@@ -66,16 +66,19 @@ def adam_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, s
               weight_decay: Real = 0.0, decoupled_weight_decay: bool = False,
               amsgrad: bool = False, max_exp_avg_sq: Optional[Array] = None,
               maximize: bool = False, grad_scale: Optional[Real] = None,
-              n_threads: Optional[int] = None) -> None:
+              n_threads: Optional[int] = None, param_copy: Optional[Array] = None,
+              stochastic_rounding: bool = False, seed: int = 0) -> None:
     """One fused Adam (or AdamW) step over one buffer, in place.
 
     Parameters
     ----------
     param, exp_avg, exp_avg_sq : ndarray
-        C-contiguous, writable, float32 or float64, all the same dtype and shape.
-        Updated in place.
+        C-contiguous, writable, all of one shape; float32, float64,
+        ``ml_dtypes.bfloat16`` or ``np.float16`` in a combination that has a
+        kernel (docs: Precision): one dtype throughout, or float32 params with
+        bfloat16/float16 grads and/or bfloat16 state. Updated in place.
     grad : ndarray
-        Same dtype and shape, C-contiguous; may be read-only. Never written.
+        Same shape, C-contiguous; may be read-only. Never written.
     step : int
         The 1-based count of the update being applied (first call: 1).
     lr, betas, eps, weight_decay : float
@@ -92,6 +95,20 @@ def adam_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, s
     n_threads : int, optional
         Threads; ``None`` resolves at call time (``set_num_threads``,
         ``OMP_NUM_THREADS``, ``threadpoolctl``). Small inputs run serially.
+    param_copy : ndarray, optional
+        bfloat16 or float16 buffer of the param's shape (float32 params):
+        the updated param is also written there, rounded to nearest even, in
+        the same pass (the low-precision copy a ZeRO-Offload loop sends back).
+    stochastic_rounding : bool
+        Round the bfloat16 params and/or state stochastically instead of to
+        nearest even (unbiased); the bits come from a hash of ``(seed,
+        step, element index)``: reproducible for any thread count and ISA.
+    seed : int
+        The stochastic-rounding seed (an int in ``[0, 2**64)``).
+
+    Arithmetic is float32 for 16-bit buffers (widened exactly on load,
+    rounded once on store); all-bfloat16 and all-float16 steps equal
+    ``torch.optim.Adam(fused=True)`` on that dtype bit for bit.
 
     Notes
     -----
@@ -120,30 +137,36 @@ def adam_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, s
     """
     run(_plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
                      decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize, grad_scale,
-                     n_threads))
+                     n_threads, param_copy=param_copy,
+                     stochastic_rounding=stochastic_rounding, seed=seed))
 
 
 def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
                  decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize, grad_scale,
-                 n_threads, names=_SINGLE_NAMES, op="adam"):
+                 n_threads, names=_SINGLE_NAMES, op="adam", param_copy=None,
+                 stochastic_rounding=False, seed=0, copy_name="param_copy"):
     """Validate one buffer's step; return its plan without running it.
 
     ``names``: what messages call (param, grad, exp_avg, exp_avg_sq,
     max_exp_avg_sq, step) -- list entries when called for a one-array list.
     ``op``: the kernel-table op (a variant with Adam's buffers reuses all of
-    this validation).
+    this validation). ``param_copy`` / ``stochastic_rounding`` select the
+    copy / stochastic-rounding kernels (op ``adam_copy`` / ``adam_sr``).
     """
     _check_flags(decoupled_weight_decay, amsgrad, maximize)
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError(f"amsgrad=True needs {names[4]} (a buffer like {names[3]})")
     if not amsgrad:
         max_exp_avg_sq = None
-    fast = _runtime.dense_scan(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    extra = _extra_kind(param_copy, stochastic_rounding, copy_name)
+    fast = -1 if extra else _runtime.dense_scan(param, grad, exp_avg, exp_avg_sq,
+                                                max_exp_avg_sq)
     if fast >= 0:      # the usual call, checked natively in one go
         pdt = _SCAN_KEYS[fast][0]
         kernel = _kernels().scanned(op, fast)
     else:              # anything else: the Python checks word the error
-        pdt, kernel = _check_single(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, names, op)
+        pdt, kernel = _check_single(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, names,
+                                    _extra_op(op, extra), param_copy, copy_name)
     if not (type(step) is int and 1 <= step <= MAX_STEP):
         step = check_step(step, names[5])
     lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
@@ -152,10 +175,49 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
     args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize,
                                    scale if scaled else None)
     args = _plan.with_step(args, *_plan.dense_step_scalars(step, lr, b1, b2))
+    if extra == "sr":
+        key = _plan.sr_key(_check_seed(seed), step)
+        return [(kernel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, key, args, flags,
+                          nt))]
+    if extra == "copy":
+        return [(kernel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, args,
+                          flags, nt))]
     return [(kernel, (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, args, flags, nt))]
 
 
-def _check_single(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, names, op):
+def _extra_kind(param_copy, stochastic_rounding, copy_name="param_copy"):
+    """Which extra kernel family a call needs: "" (none), "copy" or "sr"."""
+    if type(stochastic_rounding) is not bool:
+        check_bool(stochastic_rounding, "stochastic_rounding")
+    if param_copy is not None and stochastic_rounding:
+        raise ValueError(f"{copy_name} and stochastic_rounding=True cannot be combined: the "
+                         "copy is of a float32 master, which is rounded to nearest even")
+    return "copy" if param_copy is not None else ("sr" if stochastic_rounding else "")
+
+
+def _extra_op(op, extra):
+    """The kernel-table op of ``op`` (``adam``/``adam_multi``) for an extra family."""
+    return op if not extra else op.replace("adam", f"adam_{extra}", 1)
+
+
+def _check_seed(seed, name="seed"):
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name} must be an int in [0, 2**64), got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {seed}")
+    return int(seed)
+
+
+def _sr_kernel_error(op, pdt, gdt, sdt, names):
+    """The TypeError for stochastic rounding asked of a combination without it."""
+    have = ", ".join("(" + ", ".join(k[1:4]) + ")" for k in _plan.I.KERNELS if k[0] == op)
+    return TypeError(f"stochastic_rounding=True: no kernel for {names[0]} {pdt}, {names[1]} "
+                     f"{gdt}, {names[2]} {sdt}; it rounds bfloat16 params and/or state "
+                     f"(supported (param, grad, state): {have})")
+
+
+def _check_single(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, names, op,
+                  param_copy=None, copy_name="param_copy"):
     """The buffer checks of :func:`_plan_single`, each with its message;
     returns ``(param dtype, kernel)``."""
     n_p, n_g, n_m, n_v, n_vm, _ = names
@@ -163,7 +225,18 @@ def _check_single(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, names, op):
     gdt = check_buffer(n_g, grad, writable=False)
     sdt = check_buffer(n_m, exp_avg)
     same_dtype(n_v, check_buffer(n_v, exp_avg_sq), n_m, sdt)
-    kernel = _kernels().get(op, pdt, gdt, sdt, (n_p, n_g, n_m))
+    if param_copy is not None:
+        cdt = check_buffer(copy_name, param_copy)
+        kernel = _kernels().get(op, pdt, gdt, sdt, (n_p, n_g, n_m, copy_name), copy=cdt)
+        if param_copy.shape != param.shape:
+            same_shape(copy_name, param_copy, n_p, param)
+    elif op.startswith("adam_sr"):
+        try:
+            kernel = _kernels().get(op, pdt, gdt, sdt, (n_p, n_g, n_m))
+        except TypeError:
+            raise _sr_kernel_error(op, pdt, gdt, sdt, (n_p, n_g, n_m)) from None
+    else:
+        kernel = _kernels().get(op, pdt, gdt, sdt, (n_p, n_g, n_m))
     shape = param.shape
     if grad.shape != shape:
         same_shape(n_g, grad, n_p, param)
@@ -175,8 +248,9 @@ def _check_single(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, names, op):
         same_dtype(n_vm, check_buffer(n_vm, max_exp_avg_sq), n_m, sdt)
         if max_exp_avg_sq.shape != shape:
             same_shape(n_vm, max_exp_avg_sq, n_p, param)
-    if _runtime.first_overlap((param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad)) is not None:
-        no_overlap((n_p, n_m, n_v, n_vm, n_g), (param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad))
+    bufs = (param, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy, grad)
+    if _runtime.first_overlap(bufs) is not None:
+        no_overlap((n_p, n_m, n_v, n_vm, copy_name, n_g), bufs)
     return pdt, kernel
 
 
@@ -184,7 +258,9 @@ def adamw_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, 
                lr: Real = 1e-3, betas: Betas = (0.9, 0.999), eps: Real = 1e-8,
                weight_decay: Real = 1e-2, amsgrad: bool = False,
                max_exp_avg_sq: Optional[Array] = None, maximize: bool = False,
-               grad_scale: Optional[Real] = None, n_threads: Optional[int] = None) -> None:
+               grad_scale: Optional[Real] = None, n_threads: Optional[int] = None,
+               param_copy: Optional[Array] = None, stochastic_rounding: bool = False,
+               seed: int = 0) -> None:
     """AdamW: ``adam_step`` with decoupled weight decay (default ``weight_decay=1e-2``).
 
     Examples
@@ -198,7 +274,8 @@ def adamw_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, 
     adam_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
               weight_decay=weight_decay, decoupled_weight_decay=True, amsgrad=amsgrad,
               max_exp_avg_sq=max_exp_avg_sq, maximize=maximize, grad_scale=grad_scale,
-              n_threads=n_threads)
+              n_threads=n_threads, param_copy=param_copy,
+              stochastic_rounding=stochastic_rounding, seed=seed)
 
 
 def _check_flags(decoupled_weight_decay, amsgrad, maximize):
@@ -224,7 +301,9 @@ def adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequence[Arr
          betas: Betas = (0.9, 0.999), eps: Real = 1e-8, weight_decay: Real = 0.0,
          decoupled_weight_decay: bool = False, amsgrad: bool = False,
          max_exp_avg_sqs: Optional[Sequence[Array]] = None, maximize: bool = False,
-         grad_scale: Optional[Real] = None, n_threads: Optional[int] = None) -> None:
+         grad_scale: Optional[Real] = None, n_threads: Optional[int] = None,
+         param_copies: Optional[Sequence[Array]] = None, stochastic_rounding: bool = False,
+         seed: int = 0) -> None:
     """Step a list of arrays of any lengths in ONE native call (per dtype).
 
     Same update as :func:`adam_step`, applied to ``params[i]`` with
@@ -233,8 +312,11 @@ def adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequence[Arr
     arrays or a list of one int per array (torch keeps a step per parameter).
     The total work is split across threads in chunks that ignore array
     boundaries, so hundreds of small tensors still use every core.
-    Arrays of both float32 and float64 may be mixed across entries (one call
-    per dtype); within an entry all buffers share the param's dtype.
+    Dtype combinations may be mixed across entries (one call per
+    combination); within an entry the buffers form a combination of
+    :func:`adam_step`. ``param_copies`` (one 16-bit buffer per entry) and
+    ``stochastic_rounding`` as in :func:`adam_step`; entry ``i`` rounds with
+    its own seed, ``fastadam._plan.array_seed(seed, i)``.
 
     Examples
     --------
@@ -250,7 +332,8 @@ def adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequence[Arr
                   eps=eps, weight_decay=weight_decay,
                   decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
                   max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize, grad_scale=grad_scale,
-                  n_threads=n_threads))
+                  n_threads=n_threads, param_copies=param_copies,
+                  stochastic_rounding=stochastic_rounding, seed=seed))
 
 
 def adamw(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequence[Array],
@@ -274,7 +357,9 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
               decoupled_weight_decay: bool = False, amsgrad: bool = False,
               max_exp_avg_sqs: Optional[Sequence[Array]] = None, maximize: bool = False,
               grad_scale: Optional[Real] = None, n_threads: Optional[int] = None,
-              labels: Optional[Sequence[int]] = None, _op: str = "adam") -> Plan:
+              labels: Optional[Sequence[int]] = None, _op: str = "adam",
+              param_copies: Optional[Sequence[Array]] = None,
+              stochastic_rounding: bool = False, seed: int = 0) -> Plan:
     """Validate everything for :func:`adam` and return its plan -- one native
     call per dtype combination -- without running it (see :func:`run`).
 
@@ -284,8 +369,14 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     """
     lab = (lambda i: i) if labels is None else labels.__getitem__
     _check_flags(decoupled_weight_decay, amsgrad, maximize)
+    extra = _extra_kind(param_copies, stochastic_rounding, "param_copies")
     params = _as_list("params", params)
     n = len(params)
+    copies: list[Any] = []
+    if extra:
+        if extra == "copy":
+            copies = _as_list("param_copies", param_copies, n)
+        seed = _check_seed(seed)
     if n == 1 and type(grads) is list and type(exp_avgs) is list and len(grads) == 1 \
             and type(exp_avg_sqs) is list and len(exp_avgs) == 1 and len(exp_avg_sqs) == 1 \
             and (not amsgrad or (type(max_exp_avg_sqs) is list and len(max_exp_avg_sqs) == 1)):
@@ -296,7 +387,11 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
                             eps, weight_decay, decoupled_weight_decay, amsgrad,
                             max_exp_avg_sqs[0] if amsgrad and max_exp_avg_sqs else None,
                             maximize, grad_scale,
-                            n_threads, names, op=_op)
+                            n_threads, names, op=_op,
+                            param_copy=copies[0] if extra == "copy" else None,
+                            stochastic_rounding=extra == "sr",
+                            seed=_plan.array_seed(seed, lab(0)) if extra == "sr" else 0,
+                            copy_name=f"param_copies[{lab(0)}]")
     grads = _as_list("grads", grads, n)
     exp_avgs = _as_list("exp_avgs", exp_avgs, n)
     exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs, n)
@@ -319,11 +414,22 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     sizes = np.empty(n, dtype=np.int64)
     key_of = np.empty(n, dtype=np.int8)
     keys = list(_SCAN_KEYS)
-    bad = _runtime.scan_lists(params, grads, exp_avgs, exp_avg_sqs, vmaxs, ptrs, sizes, key_of)
+    bad = 0 if extra else _runtime.scan_lists(params, grads, exp_avgs, exp_avg_sqs, vmaxs, ptrs,
+                                              sizes, key_of)
     if bad >= 0:
         # not the homogeneous fast case: check every entry in Python (this
         # raises the precise error, or accepts a mixed-dtype combination)
-        keys = _scan_entries(lists, ptrs, sizes, key_of, lab, _op)
+        keys = _scan_entries(lists, ptrs, sizes, key_of, lab, _extra_op(_op, extra),
+                             copies if extra == "copy" else None)
+    row_names = list(_LIST_NAMES[:len(lists)])
+    if extra == "copy":     # the copies' pointers: the row after the state's
+        crow = np.array([a.ctypes.data for a in copies], dtype=np.int64).reshape(1, n)
+        if vmaxs is None:
+            ptrs[4] = crow
+        else:
+            ptrs = np.concatenate([ptrs, crow])
+        lists = lists + [copies]
+        row_names.append("param_copies")
     nl = len(lists)
     span = np.empty((nl, n), dtype=np.int64)      # bytes of every buffer
     if bad < 0:
@@ -336,7 +442,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     is_out[n:2 * n] = 0  # grads are only read
     hit = _runtime.first_conflict(ptrs[:nl].ravel(), nbytes, is_out)
     if hit is not None:
-        a, b = (f"{_LIST_NAMES[k // n]}[{lab(k % n)}]" for k in hit)
+        a, b = (f"{row_names[k // n]}[{lab(k % n)}]" for k in hit)
         raise ValueError(f"{a} and {b} share memory; outputs must not alias each other "
                          "or any gradient")
     nt_arg = _threads.check(n_threads)
@@ -349,28 +455,35 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
         scal = {s: _plan.dense_step_scalars(s, lr, b1, b2) for s in set(step_list)}
         neg_step_all = np.array([scal[s][0] for s in step_list])
         bc2s_all = np.array([scal[s][1] for s in step_list])
+    if extra == "sr":
+        sr_all = np.array([_plan.sr_key(_plan.array_seed(seed, lab(i)), s)
+                           for i, s in enumerate(step_list)], dtype=np.uint64).view(np.int64)
     plan = []
-    for ki, (pdt, gdt, sdt) in enumerate(keys):
+    for ki, key in enumerate(keys):
+        pdt, gdt, sdt = key[:3]
+        cdt = key[3] if len(key) > 3 else None
         if n == 0:
             break
         mask = key_of == ki
         if mask.all():
-            sel = ptrs, sizes, neg_step_all, bc2s_all
+            sel = ptrs, sizes, neg_step_all, bc2s_all, mask
         elif mask.any():
             sel = (np.ascontiguousarray(ptrs[:, mask]), sizes[mask], neg_step_all[mask],
-                   bc2s_all[mask])
+                   bc2s_all[mask], mask)
         else:
             continue
-        p_, sz, neg_steps, bc2s = sel
+        p_, sz, neg_steps, bc2s, mask = sel
         if scaled:
             check_grad_scale(scale, pdt)     # in the range of this call's arithmetic
         offsets = np.zeros(len(sz) + 1, dtype=np.int64)
         np.cumsum(sz, out=offsets[1:])
         nt = _threads.resolve(nt_arg, int(offsets[-1]) * (_threads.FP64_COST if pdt is F64 else 1))
-        kernel = _kernels().get(f"{_op}_multi", pdt, gdt, sdt)
+        kernel = _kernels().get(_extra_op(f"{_op}_multi", extra), pdt, gdt, sdt, copy=cdt)
+        tail = ((np.ascontiguousarray(p_[nl - 1]),) if extra == "copy"
+                else (np.ascontiguousarray(sr_all[mask]),) if extra == "sr" else ())
         plan.append((kernel, (p_[0], p_[1], p_[2], p_[3],
-                              p_[4] if vmaxs is not None else _EMPTY_I64, offsets, neg_steps, bc2s,
-                              _plan.with_step(args, 0.0, 1.0), flags, nt)))
+                              p_[4] if vmaxs is not None else _EMPTY_I64, offsets, neg_steps, bc2s)
+                     + tail + (_plan.with_step(args, 0.0, 1.0), flags, nt)))
     return plan
 
 
@@ -393,11 +506,13 @@ class _EntryNames:
         return len(self._NAMES)
 
 
-def _scan_entries(lists, ptrs, sizes, key_of, lab, op="adam"):
+def _scan_entries(lists, ptrs, sizes, key_of, lab, op="adam", copies=None):
     """The Python check of every list entry (what the native scan does for
     the homogeneous combinations, for any combination the kernel table has):
-    fills ``ptrs``, ``sizes``, ``key_of`` and returns the list of keys."""
+    fills ``ptrs``, ``sizes``, ``key_of`` and returns the list of keys
+    (``(param, grad, state)`` dtypes; with ``copies``, + the copy's)."""
     keys = []
+    mop = f"{op}_multi"
     for i in range(len(lists[0])):
         label = lab(i)
         names = [f"{name}[{label}]" for name in _LIST_NAMES]
@@ -407,10 +522,22 @@ def _scan_entries(lists, ptrs, sizes, key_of, lab, op="adam"):
         sdt = check_buffer(names[2], lists[2][i])
         for j in range(3, len(lists)):
             same_dtype(names[j], check_buffer(names[j], lists[j][i]), names[2], sdt)
-        _kernels().get(f"{op}_multi", pdt, gdt, sdt, names[:3])
+        key: tuple[Any, ...] = (pdt, gdt, sdt)
+        if copies is not None:
+            cname = f"param_copies[{label}]"
+            cdt = check_buffer(cname, copies[i])
+            _kernels().get(mop, pdt, gdt, sdt, names[:3] + [cname], copy=cdt)
+            same_shape(cname, copies[i], names[0], p)
+            key = (pdt, gdt, sdt, cdt)
+        elif op.startswith("adam_sr"):
+            try:
+                _kernels().get(mop, pdt, gdt, sdt, names[:3])
+            except TypeError:
+                raise _sr_kernel_error(mop, pdt, gdt, sdt, names[:3]) from None
+        else:
+            _kernels().get(mop, pdt, gdt, sdt, names[:3])
         for j in range(1, len(lists)):
             same_shape(names[j], lists[j][i], names[0], p)
-        key = (pdt, gdt, sdt)
         if key not in keys:
             keys.append(key)
         key_of[i] = keys.index(key)

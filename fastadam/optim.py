@@ -12,6 +12,7 @@ embedding table. :mod:`fastadam.checkpoint` (``fastadam.save``/``load``)
 writes such a dict to a ``.npz`` file (no pickle); resuming from it is
 bit-identical. Every ``step`` plans all its kernel calls before running any.
 """
+import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
@@ -37,9 +38,15 @@ __all__ = ["Adam", "AdamW", "SparseAdam", "save", "load", "new_state"]
 
 Array = npt.NDArray[Any]
 StateDict = dict[str, Any]
+# the 16-bit float formats numpy cannot call floating (ml_dtypes.bfloat16)
+_LOWP = tuple(dt for dt in _plan.DTYPES.values() if dt.kind != "f")
 
 _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
-               "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+               "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay",
+               "state_dtype", "stochastic_rounding", "seed")
+# the precision options (issue 12): in a group's dict only when not the default,
+# so a default optimizer's state dict stays torch's
+_PRECISION_DEFAULTS = {"state_dtype": None, "stochastic_rounding": False, "seed": 0}
 
 
 def new_state(shape: tuple[int, ...], dtype: npt.DTypeLike, amsgrad: bool = False,
@@ -89,14 +96,22 @@ class Adam(_Locked):
         As ``torch.optim.Adam`` (defaults identical).
     n_threads : int, optional
         Threads per step (``None``: :func:`fastadam.get_num_threads` at call time).
-    state_dtype : {None, "q8"}, optional
-        ``"q8"``: 8-bit blockwise state (docs: "8-bit optimizer state") for
-        float32 parameters of 4096+ elements -- ``exp_avg``/``exp_avg_sq``
-        uint8 codes plus float32 ``exp_avg_absmax``/``exp_avg_sq_absmax``
-        (one per block of 256), about 2 bytes per parameter instead of 8;
-        smaller arrays keep float32 state. No amsgrad. Also a param group
-        key (then recorded in :meth:`state_dict`). None: state of the
-        param's dtype (torch's layout).
+    state_dtype : dtype or str, optional
+        The dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` (default:
+        the param's): e.g. ``"bf16"`` or ``ml_dtypes.bfloat16`` for float32
+        params (half the state memory; see docs: Precision), or ``"q8"``:
+        8-bit blockwise state (docs: "8-bit optimizer state") for float32
+        parameters of 4096+ elements -- ``exp_avg``/``exp_avg_sq`` uint8 codes
+        plus float32 ``exp_avg_absmax``/``exp_avg_sq_absmax`` (one per block
+        of 256), about 2 bytes per parameter instead of 8; smaller arrays keep
+        float32 state; no amsgrad, no ``param_copies``. A group key.
+    stochastic_rounding : bool
+        Round bfloat16 params and/or state stochastically (unbiased) instead
+        of to nearest even. A group key.
+    seed : int, optional
+        The stochastic-rounding seed (drawn at random when None and
+        ``stochastic_rounding``); parameter ``i`` (over all groups) draws
+        from ``fastadam._plan.array_seed(seed, i)``. Kept in the state dict.
 
     Notes
     -----
@@ -135,7 +150,8 @@ class Adam(_Locked):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: Optional[float] = None, amsgrad: bool = False, *,
                  maximize: bool = False, decoupled_weight_decay: Optional[bool] = None,
-                 n_threads: Optional[int] = None, state_dtype: Optional[str] = None) -> None:
+                 n_threads: Optional[int] = None, state_dtype: Any = None,
+                 stochastic_rounding: bool = False, seed: Optional[int] = None) -> None:
         if weight_decay is None:
             weight_decay = self._defaults_wd
         if decoupled_weight_decay is None:
@@ -148,8 +164,13 @@ class Adam(_Locked):
                              capturable=False, differentiable=False, fused=True,
                              decoupled_weight_decay=check_bool(decoupled_weight_decay,
                                                                "decoupled_weight_decay"))
-        if state_dtype is not None:    # only then a group key (torch's layout otherwise)
-            self.defaults["state_dtype"] = _check_state_dtype(state_dtype, "state_dtype")
+        if seed is None and stochastic_rounding is True:
+            seed = secrets.randbits(63)
+        precision = _check_precision("", dict(state_dtype=state_dtype,
+                                              stochastic_rounding=stochastic_rounding,
+                                              seed=0 if seed is None else seed))
+        self.defaults.update({k: v for k, v in precision.items()
+                              if v != _PRECISION_DEFAULTS[k]})
         self.n_threads = n_threads
         self._lock = threading.RLock()
         plist = list(params)
@@ -180,23 +201,36 @@ class Adam(_Locked):
             group.setdefault(k, v)
         group["betas"] = tuple(group["betas"])
         check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        if group.get("state_dtype") is not None:
+        prec = _check_precision("param group: ", {k: group[k] for k in _PRECISION_DEFAULTS
+                                                  if k in group})
+        for k, v in prec.items():
+            group[k] = v
+        sdt = group.get("state_dtype")
+        if sdt == _plan.Q8:
             _check_q8_group(group, ps)
+        elif sdt is not None:
+            for p in ps:
+                _plan.state_dtype(p.dtype, sdt)
         _no_param_overlap(self._all_params() + ps)
         self.param_groups.append(group)
 
     def _all_params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _init_state(self, p, amsgrad, state_dtype=None):
-        return new_state(p.shape, _plan.state_format(p.dtype, p.size, state_dtype), amsgrad)
+    def _init_state(self, p, amsgrad, group=None):
+        sdt = None if group is None else group.get("state_dtype")
+        return new_state(p.shape, _plan.state_format(p.dtype, p.size, sdt), amsgrad)
 
     # -- the step ---------------------------------------------------------
     def step(self, grads: Sequence[Optional[Array]], *,
-             grad_scale: Optional[float] = None) -> None:
+             grad_scale: Optional[float] = None,
+             param_copies: Optional[Sequence[Optional[Array]]] = None) -> None:
         """Apply one update. ``grads`` aligns with the parameters (all groups, in
         order); a ``None`` entry skips that parameter (as torch skips
         ``grad is None``). ``grad_scale`` divides every gradient (AMP).
+        ``param_copies`` (aligned like ``grads``): a bfloat16/float16 buffer
+        per float32 parameter that receives the updated parameter, rounded to
+        nearest even, in the same pass (within a group: all or none).
         """
         with self._lock:
             grads = list(grads)
@@ -205,6 +239,11 @@ class Adam(_Locked):
                 raise ValueError(f"grads must have {nparams} entries (one per parameter), "
                                  f"got {len(grads)}")
             check_grad_scale(grad_scale)
+            if param_copies is not None:
+                param_copies = list(param_copies)
+                if len(param_copies) != nparams:
+                    raise ValueError(f"param_copies must have {nparams} entries (one per "
+                                     f"parameter), got {len(param_copies)}")
             # Validate every group before writing anything: plan all, then run all.
             plans = []
             k = 0
@@ -217,12 +256,23 @@ class Adam(_Locked):
                 if not pairs:
                     continue
                 ams = group["amsgrad"]
-                sdt = group.get("state_dtype")
-                sts = [self.state.get(id(p)) or self._init_state(p, ams, sdt) for p, _ in pairs]
+                sts = [self.state.get(id(p)) or self._init_state(p, ams, group)
+                       for p, _ in pairs]
                 steps = [st["step"] + 1 for st in sts]
-                if sdt is not None:           # 8-bit state: its own plan (one call)
+                copies: Optional[list[Any]] = None
+                if param_copies is not None:
+                    copies = [param_copies[i] for i in labels]
+                    if all(c is None for c in copies):
+                        copies = None
+                    elif any(c is None for c in copies):
+                        raise ValueError("param_copies: within a param group, give a copy "
+                                         "for every parameter with a gradient or for none")
+                if group.get("state_dtype") == _plan.Q8:    # 8-bit state: its own plan
                     is_q8 = ["exp_avg_absmax" in st for st in sts]
                     if any(is_q8):
+                        if copies is not None:
+                            raise ValueError("param_copies: not supported for parameters "
+                                             "with 8-bit state (state_dtype='q8')")
                         qp, qs, qsteps, qlab = (_take(xs, is_q8, True)
                                                 for xs in (pairs, sts, steps, labels))
                         plans.append((F.plan_adam8bit(
@@ -246,7 +296,9 @@ class Adam(_Locked):
                     max_exp_avg_sqs=[self._vmax(st, p) for st, (p, _) in zip(sts, pairs)]
                     if ams else None,
                     maximize=group["maximize"], grad_scale=grad_scale,
-                    n_threads=self.n_threads, labels=labels)
+                    n_threads=self.n_threads, labels=labels, param_copies=copies,
+                    stochastic_rounding=group.get("stochastic_rounding", False),
+                    seed=group.get("seed", 0))
                 plans.append((plan, pairs, sts, steps, labels))
             if len(plans) > 1:
                 _no_cross_group_alias(plans)
@@ -353,14 +405,14 @@ class Adam(_Locked):
         new_state = {}
         for g, upd in zip(self.param_groups, updates):
             ams = upd.get("amsgrad", g["amsgrad"])
-            q8 = upd.get("state_dtype", g.get("state_dtype")) is not None
+            sdt = upd.get("state_dtype", g.get("state_dtype"))
             for p in g["params"]:
                 i = order[pos]
                 pos += 1
                 if i not in keys:
                     continue
                 new_state[id(p)] = _check_param_state(f"state {i}", states[keys[i]], p, ams,
-                                                      q8)
+                                                      sdt)
         return updates, new_state
 
 
@@ -414,17 +466,8 @@ def _take(xs, mask, keep):
     return [x for x, m in zip(xs, mask) if m is keep]
 
 
-def _check_state_dtype(value, where):
-    """A ``state_dtype`` option: None or ``"q8"`` (8-bit blockwise state)."""
-    if value is None or (isinstance(value, str) and value == _plan.Q8):
-        return value
-    raise ValueError(f"{where} must be None (the param's dtype) or 'q8' (8-bit blockwise "
-                     f"state), got {value!r:.40}")
-
-
 def _check_q8_group(group, params):
     """A group with ``state_dtype='q8'``: a kernel for every param's dtype, no amsgrad."""
-    _check_state_dtype(group["state_dtype"], "param group 'state_dtype'")
     if group["amsgrad"]:
         raise ValueError("amsgrad=True is not supported with state_dtype='q8' (no 8-bit "
                          "max_exp_avg_sq)")
@@ -440,9 +483,6 @@ _OPT_BOOL_KEYS = ("foreach", "capturable", "differentiable", "fused")
 def _check_group(gi, g, sg):
     """A checkpoint's param group: the validated values to set on ``g``."""
     upd: dict[str, Any] = {}
-    if "state_dtype" in sg:         # absent: the optimizer's own choice stays
-        upd["state_dtype"] = _check_state_dtype(to_scalar(sg["state_dtype"]),
-                                                f"param group {gi} 'state_dtype'")
     for k in _GROUP_KEYS:
         if k not in sg:
             continue
@@ -460,6 +500,14 @@ def _check_group(gi, g, sg):
         else:
             v = to_scalar(v)
         upd[k] = v
+    prec = {k: upd.pop(k) for k in _PRECISION_DEFAULTS if k in upd}
+    upd.update(_check_precision(f"param group {gi}: ", prec))
+    if upd.get("state_dtype") is not None and upd["state_dtype"] != _plan.Q8:
+        for p in g["params"]:
+            try:
+                _plan.state_dtype(p.dtype, upd["state_dtype"])
+            except TypeError as e:
+                raise TypeError(f"param group {gi}: {e}") from None
     h = {k: upd.get(k, g[k]) for k in ("lr", "betas", "eps", "weight_decay")}
     try:
         check_hyper(h["lr"], h["betas"], h["eps"], h["weight_decay"])
@@ -468,7 +516,7 @@ def _check_group(gi, g, sg):
     if "lr" in upd:
         upd["lr"] = _to_number(upd["lr"])
     merged = {**g, **upd}
-    if merged.get("state_dtype") is not None:
+    if merged.get("state_dtype") == _plan.Q8:
         try:
             _check_q8_group(merged, g["params"])
         except (TypeError, ValueError) as e:
@@ -476,13 +524,36 @@ def _check_group(gi, g, sg):
     return upd
 
 
-def _check_param_state(name, st, p, amsgrad, q8=False):
+def _check_precision(where, opts):
+    """Validated precision options (any of ``state_dtype``, ``stochastic_rounding``,
+    ``seed``); ``state_dtype`` becomes its interface name (JSON-able)."""
+    out: dict[str, Any] = {}
+    if "state_dtype" in opts:
+        v = opts["state_dtype"]
+        try:
+            out["state_dtype"] = None if v is None else _plan.state_dtype_name(v)
+        except TypeError as e:
+            raise TypeError(f"{where}{e}") from None
+    if "stochastic_rounding" in opts:
+        out["stochastic_rounding"] = check_bool(to_scalar(opts["stochastic_rounding"]),
+                                                f"{where}stochastic_rounding")
+    if "seed" in opts:
+        v = to_scalar(opts["seed"])
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) \
+                or not 0 <= int(v) < 2**64:
+            raise (TypeError if not isinstance(v, (int, np.integer)) else ValueError)(
+                f"{where}seed must be an int in [0, 2**64), got {v!r:.40}")
+        out["seed"] = int(v)
+    return out
+
+
+def _check_param_state(name, st, p, amsgrad, state_dtype=None):
     """A checkpoint's state of parameter ``p``: fresh, validated buffers
     (8-bit state -- ``exp_avg_absmax`` present -- only in a ``q8`` group)."""
     if not isinstance(st, dict):
         raise TypeError(f"{name} must be a dict, got {type(st).__name__}")
     if any(k in st for k in _Q8_KEYS):
-        if not q8:
+        if state_dtype != _plan.Q8:
             raise ValueError(f"{name} holds 8-bit state ({', '.join(_Q8_KEYS)}) but its "
                              "param group's state_dtype is not 'q8'")
         return _check_q8_state(name, st, p)
@@ -495,7 +566,9 @@ def _check_param_state(name, st, p, amsgrad, q8=False):
         if k not in st:
             raise ValueError(f"{name} lacks '{k}', needed by the group's options")
     ns: dict[str, Any] = {"step": check_state_step(st["step"], f"{name} 'step'")}
-    sdt = _plan.state_dtype(p.dtype)
+    sdt = _plan.state_dtype(p.dtype, state_dtype)
+    if sdt is _plan.Q8:         # float state in a 'q8' group (small array, or loaded)
+        sdt = np.dtype(p.dtype)
     for k in _STATE_KEYS:
         if k in st:
             ns[k] = _state_array(f"{name} '{k}'", st[k], p.shape, sdt,
@@ -541,19 +614,20 @@ def _state_array(name, val, shape, dtype, nonneg=False, copy=True):
         arr = to_numpy(val)
     except Exception as e:
         raise TypeError(f"{name} is not convertible to a numpy array ({e})") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+    if not isinstance(arr, np.ndarray) or (arr.dtype.kind not in "fiu"
+                                           and arr.dtype not in _LOWP):
         raise TypeError(f"{name} must hold real numbers, got "
                         f"{getattr(arr, 'dtype', type(arr).__name__)}")
     if arr.shape != tuple(shape):
         raise ValueError(f"{name} has shape {arr.shape}, expected {tuple(shape)}")
     dtype = np.dtype(dtype)
-    if dtype.kind == "f":
+    if dtype.kind == "f" or dtype in _LOWP:
         with np.errstate(all="ignore"):
             out = np.array(arr, dtype=dtype, order="C", copy=True if copy else None)
-        if arr.dtype.kind == "f" and arr.dtype.itemsize > dtype.itemsize:
+        if (arr.dtype.kind == "f" or arr.dtype in _LOWP) and arr.dtype.itemsize > dtype.itemsize:
             if np.count_nonzero(np.isinf(out)) != np.count_nonzero(np.isinf(arr)):
                 raise ValueError(f"{name} has values too large for {dtype}")
-        if nonneg and out.size and np.any(out < 0):    # NaN compares False: allowed
+        if nonneg and out.size and np.any(out < np.zeros(1, out.dtype)):   # NaN: allowed
             raise ValueError(f"{name} has negative values (a second moment is >= 0)")
     else:
         if arr.dtype.kind == "f":

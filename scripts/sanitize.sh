@@ -15,11 +15,13 @@
 #   PYTHON                     the interpreter (default: python)
 #
 # Default selection: the whole suite and the doctests except the `torch` and `slow`
-# markers. `slow` is test_build.py (builds more copies) and test_bench.py (timings);
-# neither runs kernel code the rest does not. torch imports and runs with the
-# sanitizer runtimes preloaded, but is not instrumented and its interceptors slow it
-# tenfold: the torch parity suites alone ran > 10 minutes; the torch drop-ins call the
-# same kernels through the same functional layer the numpy tests drive.
+# markers, then the torch layer's hardening, plan and conformance files (TORCH_SUBSET:
+# ~300 tests, ~20 s: bad tensors, swaps, partial-write checks, the views the torch layer
+# hands the kernels). `slow` is test_build.py (builds more copies) and test_bench.py
+# (timings); neither runs kernel code the rest does not. torch is not instrumented and
+# the interceptors slow it down: the torch parity and property suites (test_torch.py,
+# test_parity_torch*.py, test_properties_torch.py) took 5 minutes here (2 cores), so
+# they run only when named: `scripts/sanitize.sh tests/test_torch.py ...`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python}
@@ -81,7 +83,9 @@ assert b.BUILD_INFO.get('sanitize'), 'not a FASTADAM_SANITIZE=1 build'
 print('sanitize.sh: testing', fastadam.__file__, 'kernels', fastadam.isa)
 "
 
+TORCH_SUBSET=()
 if [ $# -eq 0 ]; then
+    TORCH_SUBSET=(tests/test_torch_harden.py tests/test_torch_plan.py tests/test_torch_conformance.py)
     # the soak test is left out: it asserts RSS stays flat, and ASan's quarantine of
     # freed memory makes RSS grow by design (tracemalloc stays flat there too)
     set -- -m "not torch and not slow" tests --doctest-modules fastadam \
@@ -92,6 +96,10 @@ fi
 status=0
 "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys "$@" 2>&1 | tee "$DIR/test.log" \
     || status=1
+if [ ${#TORCH_SUBSET[@]} -gt 0 ] && "$PYTHON" -c "import torch" 2>/dev/null; then
+    "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys "${TORCH_SUBSET[@]}" 2>&1 \
+        | tee -a "$DIR/test.log" || status=1
+fi
 t2=$(date +%s)
 if grep -Eq 'ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer' \
         "$DIR/test.log"; then

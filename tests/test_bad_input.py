@@ -38,7 +38,7 @@ BUF_CASES = [
     # (id, make buffers, kwargs, exception, message fragment)
     ("int-param", _replace("param", lambda a: a.astype(np.int32)), {}, TypeError, "param"),
     ("list-grad", _replace("grad", lambda a: a.tolist()), {}, TypeError, "grad"),
-    ("f16-grad", _replace("grad", lambda a: a.astype(np.float16)), {}, TypeError, "grad"),
+    ("i16-grad", _replace("grad", lambda a: a.astype(np.int16)), {}, TypeError, "grad"),
     ("mixed-grad", _replace("grad", lambda a: a.astype(np.float64)), {}, TypeError, "mixed"),
     ("mixed-exp_avg", _replace("exp_avg", lambda a: a.astype(np.float64)), {}, TypeError,
      "exp_avg"),

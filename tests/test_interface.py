@@ -80,9 +80,13 @@ def test_kernels_take_the_scalars_from_the_named_fields():
 
 def test_selection_by_dtype_combination():
     f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
-    for (op, p, g, s), name in I.KERNELS.items():
-        assert _plan.KERNELS.get(op, np.dtype(p), np.dtype(g), np.dtype(s)) is \
-            getattr(_plan.KERNELS.module, name)
+    for key, name in I.KERNELS.items():
+        if not all(d in _plan.DTYPES for d in key[1:]):
+            continue            # bfloat16 without ml_dtypes
+        op, p, g, s = key[:4]
+        copy = _plan.DTYPES[key[4]] if len(key) > 4 else None
+        assert _plan.KERNELS.get(op, _plan.DTYPES[p], _plan.DTYPES[g], _plan.DTYPES[s],
+                                 copy=copy) is getattr(_plan.KERNELS.module, name)
     with pytest.raises(TypeError, match=r"^grad: no kernel for the mixed combination.*"
                                         r"supported \(param, grad, state\)"):
         _plan.KERNELS.get("adam", f32, f64, f32)
@@ -96,6 +100,13 @@ def test_selection_by_dtype_combination():
 
 def test_every_combination_has_every_op():
     combos = set(I.COMBOS.values())
+    dense = combos | set(I.DENSE_COMBOS.values())
     for op in I.OPS:
-        assert {k[1:] for k in I.KERNELS if k[0] == op} == combos, op
+        assert {k[1:] for k in I.KERNELS if k[0] == op} == (dense if op in I.DENSE_OPS
+                                                            else combos), op
+    sr = {(I.COMBOS | I.DENSE_COMBOS)[sfx] for sfx in I.SR_COMBOS}
+    for op in I.SR_OPS:
+        assert {k[1:] for k in I.KERNELS if k[0] == op} == sr, op
+    for op in I.COPY_OPS:
+        assert {k[1:] for k in I.KERNELS if k[0] == op} == set(I.COPY_COMBOS.values()), op
     assert I.SCALAR_NAMES[-2:] == I.STEP_SCALARS

@@ -167,6 +167,7 @@ class Run:
             self.mixed = (20_000, 16, 64, 4)
             self.sparse_batches = ["fixed", "cycling"]
             self.isa_rounds = 1
+            self.precision_sizes, self.precision_models = [2**10], ["tiny"]
             default_scenarios = [s for s in S.SCENARIOS if s not in S.ON_REQUEST]
         elif args.quick:
             self.mode = "quick"
@@ -185,6 +186,7 @@ class Run:
             self.mixed = (1_000_000, 64, 2048, 20)
             self.sparse_batches = ["fixed"]
             self.isa_rounds = 2
+            self.precision_sizes, self.precision_models = [2**16, 2**26], ["gpt2-small"]
             default_scenarios = [s for s in S.SCENARIOS
                                  if s != "torch-sparse" and s not in S.ON_REQUEST]
         else:
@@ -206,6 +208,8 @@ class Run:
             self.mixed = (1_000_000, 64, 2048, 20)  # rows, dim, batch, ids per bag
             self.sparse_batches = ["fixed", "cycling"]
             self.isa_rounds = 3
+            self.precision_sizes = [2**16, 2**20, 2**26]
+            self.precision_models = ["gpt2-small"]
             default_scenarios = [s for s in S.SCENARIOS if s not in S.ON_REQUEST]
         self.threads_isa = sorted({1, ncpu}) if self.mode != "smoke" else [ncpu]
         self.dtypes_many = ["float32"]
@@ -220,11 +224,12 @@ class Run:
         if args.sizes:
             self.dense_variants = [("adam", args.sizes)]
             self.isa_sizes = args.sizes
+            self.precision_sizes = args.sizes
         if args.models:
             bad = [m for m in args.models if m not in S.MODELS]
             if bad:
                 raise SystemExit(f"--models: unknown {bad}; use {', '.join(S.MODELS)}")
-            self.models = args.models
+            self.models = self.precision_models = args.models
         if args.sparse:
             self.sparse_configs = args.sparse
         if args.torch_models:

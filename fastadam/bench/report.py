@@ -17,6 +17,7 @@ from typing import Any
 
 from . import bound as B
 from . import peers as P
+from . import precision as PR
 from .machine import bound_for
 from .q8 import q8_tables
 
@@ -395,6 +396,7 @@ def tables(result):
                     if cross else
                     f"Serial vs 2-thread crossover, {s['dtype']}: no stable crossover in range",
                     _table(["elements", "1 thread", "2 threads", "t2/t1", "faster"], rows)))
+    out += PR.tables(recs)
     out += q8_tables(recs, fmt_r, _table, B.fmt_pct)
     # soak
     for sm in [r for r in recs if r["scenario"] == "soak-summary"]:

@@ -7,9 +7,9 @@ shapes, 148 small tensors, one tensor), ``sparse`` (embedding rows; options:
 pre-merged ids, cycling batches, thread counts), ``torch-sparse`` (skip-gram
 SparseAdam and a mixed Embedding+MLP model at the torch level), ``isa``
 (the ISA modules side by side), ``threshold`` (serial vs 2-thread
-crossover), ``q8`` (8-bit state, :mod:`fastadam.bench.q8`) and, on request
-only, ``soak`` (memory flat over many steps and optimizers,
-:mod:`fastadam.bench.soak`).
+crossover), ``precision`` (16-bit dtype combinations, :mod:`fastadam.bench.precision`),
+``q8`` (8-bit state, :mod:`fastadam.bench.q8`) and, on request only, ``soak``
+(memory flat over many steps and optimizers, :mod:`fastadam.bench.soak`).
 
 Method: every implementation of a case runs in this process on the same
 buffers, interleaved by ``timing.measure`` (medians, min/max, re-measured
@@ -37,6 +37,7 @@ import numpy as np
 
 from . import bound as B
 from . import peers as P
+from . import precision as PR
 from . import q8 as _q8
 from . import timing
 from .machine import bound_for, note_bound
@@ -800,6 +801,9 @@ SCENARIOS = {
             "(FASTADAM_ISA)"),
     "threshold": (threshold, lambda run: len(run.dtypes),
                   "serial vs 2-thread crossover of the dense kernel"),
+    "precision": (PR.precision, PR.steps,
+                  "16-bit params/grads/moments, bf16 copy-out, stochastic rounding vs torch "
+                  "fused fp32 and bf16/fp16: time, bytes/element, % of bound, state bytes"),
     "q8": (_q8.q8_scenario, _q8.q8_steps, "AdamW with 8-bit state (fastadam.functional."
            "adamw8bit) vs float32 state, torch fused, bitsandbytes and torchao AdamW8bit: "
            "2**24, 2**26, GPT-2 small; time, B/elem, % of bound, state B/param"),

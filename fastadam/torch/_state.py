@@ -30,7 +30,8 @@ def load_checked(opt: Any, base_load: Any, state_dict: Any, sparse: bool) -> Non
     hooks = opt._optimizer_load_state_dict_pre_hooks
     opt._optimizer_load_state_dict_pre_hooks = type(hooks)()
     try:
-        opt._fa_views = {}  # drop views of the replaced state tensors
+        opt._fa_views = {}  # drop views and records of the replaced state tensors
+        opt._fa_fast = {}
         opt._fa_dups = {}
         base_load(sd)
     finally:

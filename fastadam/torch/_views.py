@@ -13,22 +13,40 @@ import math
 from collections import namedtuple
 from typing import Optional
 
+import numpy as np
 import torch
 
+from .. import _interface
 from .._validate import check_state_step
 
-SUPPORTED = (torch.float32, torch.float64)
-COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+def dtype_name(dtype):
+    """The numpy / kernel-table name of a torch dtype (``torch.float32`` -> ``"float32"``)."""
+    return str(dtype).rsplit(".", 1)[-1]
 
 
-# Validated zero-copy numpy views of a contiguous parameter and its state,
-# reused while the identity/layout fields still match (saves ~7 us per tensor).
-# ``ptrs`` holds the data addresses of the state tensors (m, v, vmax or 0, step)
-# the views were made from: ``t.data = other`` keeps a tensor's identity but
-# moves its storage, and must send the step back to the checked, re-viewed path.
-Views = namedtuple("Views", "m v vmax data_ptr stride dtype step p_np m_np v_np vmax_np "
-                            "amsgrad step_view ptrs")
-# The same for SparseAdam: the (rows, row width) table view and its state's.
+def np_dtype(dtype):
+    """The numpy dtype of a torch dtype's kernel buffers."""
+    return np.dtype(dtype_name(dtype))
+
+
+# The parameter dtypes the drop-ins step: those with a kernel for (param, grad,
+# state) all of that dtype in the kernel table (fastadam._interface.KERNELS) --
+# a combination added there is stepped here without another list to edit.
+SUPPORTED = tuple(dt for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+                  if ("adam",) + (dtype_name(dt),) * 3 in _interface.KERNELS)
+COMPLEX = {c: r for c, r in ((torch.complex64, torch.float32),
+                             (torch.complex128, torch.float64)) if r in SUPPORTED}
+# A state ``step`` is a 0-d tensor of one of these (torch: float32, float64 under a
+# float64 default dtype); the fast step reads and writes them natively.
+STEP_DTYPES = (torch.float32, torch.float64)
+
+
+# SparseAdam's validated zero-copy numpy views of a table (rows, row width) and its
+# state, reused while the identity/layout fields still match. ``ptrs`` holds the
+# data addresses of the state tensors the views were made from: ``t.data = other``
+# keeps a tensor's identity but moves its storage, and must send the step back to
+# the checked, re-viewed path.
 SViews = namedtuple("SViews", "m v data_ptr dtype shape table_np m_np v_np ptrs")
 
 
@@ -182,7 +200,7 @@ def real(t):
 
 def np_view(t):
     """Zero-copy numpy view of a contiguous CPU tensor (any shape)."""
-    return t.detach().numpy()
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
 def flat_np_view(t):
@@ -217,7 +235,7 @@ def step_view(state, where="the parameter"):
     NaN, a string) raises a ValueError/TypeError naming it, before anything is written."""
     st = state["step"]
     if (not isinstance(st, torch.Tensor) or st.device.type != "cpu" or st.dim() != 0
-            or st.dtype not in SUPPORTED):
+            or st.dtype not in STEP_DTYPES):
         if isinstance(st, torch.Tensor):
             if st.numel() != 1 or st.is_meta:
                 raise ValueError(f"state 'step' of {where} must be a scalar, got a tensor "

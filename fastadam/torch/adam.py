@@ -27,8 +27,10 @@ from .. import _threads
 from .. import functional as _F
 from .._validate import check_grad_scale, check_hyper
 from ..functional import plan_sparse_adam
+from . import _fast
 from . import _views as V
 from ._state import load_checked, resolve_fused
+from ._stepper import Stepper
 
 __all__ = ["Adam", "AdamW"]
 
@@ -37,7 +39,7 @@ _COMPLEX = V.COMPLEX
 _num = V.num
 
 
-class Adam(Optimizer):
+class Adam(Stepper, Optimizer):
     r"""Drop-in for ``torch.optim.Adam`` whose step runs fastadam's fused CPU kernel.
 
     Arguments, defaults, ``param_groups``, ``state`` and ``state_dict()`` are
@@ -90,7 +92,8 @@ class Adam(Optimizer):
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        self._fa_views = {}
+        self._init_lock()
+        self._fa_fast = {}
         self._fa_dups = {}
         super().__init__(params, defaults)
         # GradScaler hands us grad_scale/found_inf instead of unscaling the grads.
@@ -127,7 +130,8 @@ class Adam(Optimizer):
                 if st and "step" in st and not isinstance(st["step"], torch.Tensor):
                     V.step_view(st)
         self.__dict__.setdefault("n_threads", None)
-        self._fa_views = {}
+        self._init_lock()
+        self._fa_fast = {}
         self._fa_dups = {}
         self._step_supports_amp_scaling = True
 
@@ -147,9 +151,10 @@ class Adam(Optimizer):
         each state tensor's shape, dtype kind and device (not ``meta``); a
         rejected dict raises a ValueError/TypeError naming the problem and
         leaves params, state, param_groups and steps as they were."""
-        load_checked(self, super().load_state_dict, state_dict, sparse=False)
-        for group in self.param_groups:
-            resolve_fused(group)
+        with self._lock:
+            load_checked(self, super().load_state_dict, state_dict, sparse=False)
+            for group in self.param_groups:
+                resolve_fused(group)
 
     # -- the step ---------------------------------------------------------
     def _new_state(self, p, amsgrad):
@@ -173,37 +178,8 @@ class Adam(Optimizer):
         ps, gs, ms, vs, vmaxs, states, labels, tparams = [], [], [], [], [], [], [], []
         copy_back = []
         sparse = []
-        cache = self._fa_views
-        state_of = self.state
-        strided = torch.strided
         params = group["params"]
         for i, p, g in V.stepped(cls, self._fa_dups, gi, params):
-            # Fast path: a contiguous real parameter stepped before, same state tensors,
-            # same memory: reuse the validated numpy views of p and its state; only the
-            # gradient (a new tensor after zero_grad) is checked and viewed afresh.
-            c = cache.get(p)
-            if c is not None:
-                state = state_of.get(p)
-                if (state is not None and c.m is state.get("exp_avg")
-                        and c.v is state.get("exp_avg_sq")
-                        and c.amsgrad is amsgrad
-                        and c.vmax is (state.get("max_exp_avg_sq") if amsgrad else None)
-                        and c.data_ptr == p.data_ptr() and c.stride == p.stride()
-                        and c.dtype is p.dtype and c.step is state.get("step")
-                        and c.ptrs == V.state_ptrs(c.m, c.v, c.vmax, c.step)
-                        and g.layout is strided and g.dtype is p.dtype and g.is_cpu
-                        and g.is_contiguous() and g.shape == p.shape):
-                    ps.append(c.p_np)
-                    gs.append((g.detach() if g.requires_grad else g).numpy())
-                    ms.append(c.m_np)
-                    vs.append(c.v_np)
-                    if amsgrad:
-                        vmaxs.append(c.vmax_np)
-                    states.append(c.step_view)
-                    labels.append(i)
-                    tparams.append(p)
-                    continue
-                del cache[p]
             where = f"parameter {i} of param group {gi}"
             if p.device.type != "cpu" or (p.dtype not in _SUPPORTED and p.dtype not in _COMPLEX):
                 V.check_param(cls, p, where)
@@ -235,14 +211,6 @@ class Adam(Optimizer):
             if p.is_contiguous() and g.is_contiguous() and all(t.is_contiguous() for t in sts):
                 pv, gv, tv = p, g, sts
                 cvt = V.np_view
-                if not p.is_complex():
-                    views = [cvt(t) for t in tv]
-                    cache[p] = V.Views(sts[0], sts[1], sts[2] if amsgrad else None,
-                                       p.data_ptr(), p.stride(), p.dtype, state["step"], cvt(p),
-                                       views[0], views[1], views[2] if amsgrad else None,
-                                       amsgrad, step_view,
-                                       V.state_ptrs(sts[0], sts[1], sts[2] if amsgrad
-                                                    else None, state["step"]))
             elif V.is_dense(p):
                 # Permuted but gap-free (e.g. a transposed or channels_last weight):
                 # step the memory block in place; grad/state must share p's layout.
@@ -273,7 +241,7 @@ class Adam(Optimizer):
             tparams.append(p)
         return ps, gs, ms, vs, vmaxs, states, labels, tparams, copy_back, sparse
 
-    def _plan(self, gathered, gs_val):
+    def _plan(self, groups, gathered, gs_val):
         """Plan every group's native calls (validating hyperparameters, ``grad_scale``
         and row ids) without writing. Returns ``(plan, finish)``: the calls for
         :func:`fastadam.functional.run` and, per group, what to count afterwards."""
@@ -283,7 +251,7 @@ class Adam(Optimizer):
         if gs_val is not None:
             check_grad_scale(gs_val)   # the sparse path divides by it
         for group, (ps, gs, ms, vs, vmaxs, states, labels, tparams, copy_back,
-                    sparse) in zip(self.param_groups, gathered):
+                    sparse) in zip(groups, gathered):
             lr = _num(group["lr"])
             b1, b2 = group["betas"]
             betas = (_num(b1), _num(b2))
@@ -317,16 +285,17 @@ class Adam(Optimizer):
             finish.append((states, steps, tparams, copy_back, sparse))
         return plan, finish
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step (optionally re-evaluating ``closure``).
+    def _step(self, closure=None):
+        """The step (``step()`` adds torch's hooks and the lock, see
+        :class:`fastadam.torch._stepper.Stepper`).
 
-        Returns the closure's loss, like torch. Parameters whose ``grad`` is
-        None are skipped. With ``GradScaler``, gradients are unscaled inside
-        the kernel (``grad_scale``) and the whole step is skipped when
-        ``found_inf`` is set, as torch's fused Adam does. Every group is
-        validated before any is written: a rejected step changes no parameter,
-        state value or ``step``.
+        Parameters whose ``grad`` is None are skipped. With ``GradScaler``,
+        gradients are unscaled inside the kernel (``grad_scale``) and the
+        whole step is skipped when ``found_inf`` is set, as torch's fused Adam
+        does. Every group is validated before any is written: a rejected step
+        changes no parameter, state value or ``step``. A group stepped before
+        takes its recorded fast step (:mod:`fastadam.torch._fast`) while
+        nothing changed; otherwise the checked path steps it and records it.
         """
         loss = None
         if closure is not None:
@@ -334,10 +303,40 @@ class Adam(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        gathered = [self._gather_group(gi, g) for gi, g in enumerate(self.param_groups)]
+        gs_val = None if grad_scale is None else _num(grad_scale)
+        records = self._fa_fast
+        state_of = self.state
+        n_threads = self.n_threads
+        ready = []
+        slow = None
+        for gi, group in enumerate(self.param_groups):
+            rec = records.get(gi)
+            r = None if rec is None else rec.prepare(group, state_of, gs_val, n_threads)
+            if r is None:
+                slow = [] if slow is None else slow
+                slow.append(gi)
+            else:
+                ready.append(r)
+        if slow is not None:
+            with torch.no_grad():
+                self._checked_step(slow, ready, gs_val, found_inf)
+            return loss
         if found_inf is not None and _num(found_inf) != 0.0:
             return loss  # overflow: skip the update, steps unchanged (torch fused semantics)
-        plan, finish = self._plan(gathered, None if grad_scale is None else _num(grad_scale))
+        for r in ready:
+            r.run()
+        return loss
+
+    def _checked_step(self, slow, ready, gs_val, found_inf):
+        """Step groups ``slow`` by the checked path (gather, plan, run) and the
+        prepared ``ready`` ones, then record the checked groups for fast steps."""
+        groups = [self.param_groups[gi] for gi in slow]
+        gathered = [self._gather_group(gi, g) for gi, g in zip(slow, groups)]
+        if found_inf is not None and _num(found_inf) != 0.0:
+            return  # overflow: skip the update, steps unchanged (torch fused semantics)
+        plan, finish = self._plan(groups, gathered, gs_val)
+        for r in ready:
+            r.run()
         _F.run(plan)
         for states, steps, tparams, copy_back, sparse in finish:
             if steps is not None:
@@ -354,7 +353,16 @@ class Adam(Optimizer):
                 for _, _, sv, _ in sparse:
                     sv[()] += 1
                 V.bump_versions([p for p, _, _, _ in sparse])
-        return loss
+        for gi, group, (ps, _, _, _, _, _, _, tparams, copy_back, sparse) in zip(
+                slow, groups, gathered):
+            rec = None
+            if not copy_back:
+                try:   # the step has run: a group that cannot be recorded steps checked
+                    rec = _fast.build(gi, group, self.state, tparams, ps, sparse,
+                                      V.duplicates(self._fa_dups, gi, group["params"]))
+                except (TypeError, ValueError, RuntimeError, KeyError, AttributeError):
+                    rec = None
+            self._fa_fast[gi] = rec
 
 
 _KEYS = ("exp_avg", "exp_avg_sq")

@@ -1,0 +1,135 @@
+"""fastadam.torch.step_in_backward: each parameter stepped inside backward(), bit for
+bit the usual backward-then-step loop; schedulers, per-parameter clipping, checkpoints."""
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fastadam import torch as fat  # noqa: E402
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Embedding(50, 32),
+        torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0,
+                                         batch_first=True),
+        torch.nn.Linear(32, 50))
+
+
+def _batch(s):
+    g = torch.Generator().manual_seed(100 + s)
+    return torch.randint(0, 50, (4, 12), generator=g), torch.randint(0, 50, (4, 12), generator=g)
+
+
+def _loss(model, s):
+    x, y = _batch(s)
+    return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def _bits(ps):
+    return [p.detach().clone().view(torch.int32) for p in ps]
+
+
+def _usual(steps, cls=fat.AdamW, sched=None, clip=None, **kw):
+    model = _model()
+    opt = cls(model.parameters(), **kw)
+    sc = sched(opt) if sched else None
+    for s in range(steps):
+        opt.zero_grad()
+        _loss(model, s).backward()
+        if clip is not None:
+            for p in model.parameters():
+                torch.nn.utils.clip_grad_norm_([p], clip)
+        opt.step()
+        if sc:
+            sc.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("cls,kw", [(fat.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+                                    (fat.Adam, dict(lr=3e-3, amsgrad=True, weight_decay=0.01))])
+def test_bitwise_the_usual_loop_on_a_transformer(cls, kw):
+    ref, _ = _usual(4, cls, **kw)
+    model = _model()
+    sib = fat.step_in_backward(model, cls, **kw)
+    for s in range(4):
+        _loss(model, s).backward()
+        assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(_bits(model.parameters()),
+                                                  _bits(ref.parameters())))
+    assert len(sib.optimizers) == len(list(model.parameters()))
+
+
+def test_lr_scheduler_and_per_parameter_clipping():
+    sched = lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.3)  # noqa: E731
+    ref, ref_opt = _usual(5, sched=sched, clip=0.05, lr=1e-2)
+    model = _model()
+    sib = fat.step_in_backward(model, lr=1e-2, max_grad_norm=0.05)
+    sc = sib.lr_scheduler(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=0.3)
+    for s in range(5):
+        _loss(model, s).backward()
+        sc.step()
+    assert all(torch.equal(a, b) for a, b in zip(_bits(model.parameters()),
+                                                  _bits(ref.parameters())))
+    assert set(sc.get_last_lr()) == {ref_opt.param_groups[0]["lr"]}
+
+
+def test_checkpoint_loads_into_the_ordinary_optimizers_and_back():
+    model = _model()
+    sib = fat.step_in_backward(model, lr=1e-2)
+    for s in range(2):
+        _loss(model, s).backward()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": sib.state_dict()}, buf)
+    # the usual loop for 4 steps is the reference
+    ref, _ = _usual(4, lr=1e-2)
+    for kind in ("fastadam", "torch fused", "back into step_in_backward"):
+        buf.seek(0)
+        ck = torch.load(buf)
+        m = _model(seed=1)
+        m.load_state_dict(ck["model"])
+        if kind == "back into step_in_backward":
+            sib2 = fat.step_in_backward(m, lr=5.0)   # lr comes from the checkpoint
+            sib2.load_state_dict(ck["opt"])
+            for s in range(2, 4):
+                _loss(m, s).backward()
+        else:
+            opt = fat.AdamW(m.parameters(), lr=5.0) if kind == "fastadam" else \
+                torch.optim.AdamW(m.parameters(), lr=5.0, fused=True)
+            opt.load_state_dict(ck["opt"])
+            assert opt.param_groups[0]["lr"] == 1e-2
+            for s in range(2, 4):
+                opt.zero_grad()
+                _loss(m, s).backward()
+                opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(_bits(m.parameters()),
+                                                      _bits(ref.parameters()))), kind
+
+
+def test_frozen_parameters_groups_and_remove():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    sib = fat.step_in_backward([{"params": list(model[1].parameters()), "lr": 1e-3},
+                                {"params": list(model[2].parameters())}], lr=1e-2)
+    assert model[0].weight not in sib.optimizers
+    assert {g["lr"] for g in sib.param_groups} == {1e-3, 1e-2}
+    _loss(model, 0).backward()
+    assert all(p.grad is None for p in model[1].parameters())
+    sib.remove()
+    _loss(model, 1).backward()
+    assert all(p.grad is not None for p in model[2].parameters())
+    sib.zero_grad()
+    assert all(p.grad is None for p in model[2].parameters())
+    assert float(sib.optimizers[model[2].weight].state[model[2].weight]["step"]) == 1.0
+
+
+@pytest.mark.parametrize("args,kw,err,match", [
+    ((torch.zeros(3, requires_grad=True),), {}, TypeError, "a tensor"),
+    (([],), {}, ValueError, "no parameters"),
+    ((torch.nn.Linear(2, 2),), {"max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
+])
+def test_bad_arguments(args, kw, err, match):
+    with pytest.raises(err, match=match):
+        fat.step_in_backward(*args, **kw)

@@ -163,6 +163,36 @@ SIGNATURES = {
 }
 TRAILING = ("args", "flags", "n_threads")
 
+# ------------------------------------------- 8-bit blockwise state (issue 13)
+# exp_avg / exp_avg_sq held as uint8 codes into the 256-value dynamic maps of
+# Dettmers et al. 2021 (signed for exp_avg, unsigned for exp_avg_sq), one
+# float32 absmax per block of Q8_BLOCK elements (see fastadam/_quant.py and
+# docs/guide/q8.md). Ops and combinations of their own: the float ops above
+# are not generated for them. A combination is (param, grad, "uint8"); the
+# compute type is float32. bf16 params/grads, once DTYPES has their codec,
+# are one more Q8_COMBOS entry (the loops load and store through I.load /
+# I.store).
+Q8_BLOCK = 256          # elements per absmax block
+Q8_MIN_SIZE = 4096      # the optimizers keep float32 state for smaller arrays
+# The exact nearest-code lookup of each map (signed, unsigned): key =
+# (bits(|y|) >> shift) - base, clamped to [0, nkeys - 1] (|y| clamped to 1.0
+# first; |y| < 2**-24 is key 0): the exponent and the top 7 (signed map) or 8
+# (unsigned map: twice the values per decade) mantissa bits.
+Q8_KEYS = {"signed": (16, 103 << 7, (24 << 7) + 1), "unsigned": (15, 103 << 8, (24 << 8) + 1)}
+Q8_OPS = ("adam_q8", "adam_q8_multi")
+Q8_COMBOS = {
+    "32": ("float32", "float32", "uint8"),
+}
+KERNELS.update({(op,) + combo: f"{op}_{sfx}" for op in Q8_OPS
+                for sfx, combo in Q8_COMBOS.items()})   # adam_q8_32, ...
+SIGNATURES.update({
+    "adam_q8": ("param", "grad", "exp_avg", "exp_avg_sq", "exp_avg_absmax",
+                "exp_avg_sq_absmax", "qtables"),
+    "adam_q8_multi": ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_avg_absmaxes",
+                      "exp_avg_sq_absmaxes", "offsets", "neg_step_sizes", "bc2_sqrts",
+                      "qtables"),
+})
+
 SCALAR_NAMES = tuple(name for name, _ in SCALARS)
 FLAG_BITS = {name: bit for name, bit, _ in FLAGS}
 
@@ -245,5 +275,18 @@ def math_of(ctype):
     m = C_MATH[ctype]
     return (m[0], ctype) + m[1:]
 
+
+def q8_combos():
+    """For the templates: ``(sfx, TP, TG, dense)`` per 8-bit-state combination;
+    ``dense`` is the suffix of the float32-state combination of the same param
+    and grad dtypes, whose update loops the 8-bit kernel runs on each block."""
+    out = []
+    for sfx, (p, g, _) in Q8_COMBOS.items():
+        dense = [d for d, combo in COMBOS.items() if combo == (p, g, "float32")]
+        if not dense:
+            raise ValueError(f"8-bit combination {sfx} ({p}, {g}) needs the dense "
+                             f"combination ({p}, {g}, float32) in COMBOS")
+        out.append((sfx, DTYPES[p][0], DTYPES[g][0], dense[0]))
+    return out
 
 assert SCALAR_NAMES[-len(STEP_SCALARS):] == STEP_SCALARS, "step scalars come last"

@@ -36,7 +36,8 @@ from ._validate import KERNEL_DTYPES, numpy_dtype  # noqa: F401  (re-exported)
 
 __all__ = ["Kernels", "KERNELS", "hyper_args", "with_step", "dense_step_scalars",
            "sparse_neg_step_size", "state_dtype", "torch_vector_bytes", "VECTOR_BYTES",
-           "numpy_dtype", "DTYPES", "STATE_DTYPE_NAMES", "sr_key", "array_seed"]
+           "numpy_dtype", "DTYPES", "STATE_DTYPE_NAMES", "sr_key", "array_seed",
+           "Q8", "state_format"]
 
 VECTOR_BYTES_ENV = "FASTADAM_TORCH_VECTOR_BYTES"
 _VECTOR_BYTES_ALLOWED = (16, 32, 64)
@@ -76,7 +77,8 @@ def torch_vector_bytes(env=None, machine=None):
 VECTOR_BYTES, VECTOR_BYTES_REASON = torch_vector_bytes()
 
 # every kernel dtype numpy can name here, by interface name
-DTYPES = KERNEL_DTYPES
+# the kernels' dtypes by interface name, and the 8-bit state's uint8 codes
+DTYPES = dict(KERNEL_DTYPES, uint8=np.dtype(np.uint8))
 
 _CACHED = I.SCALAR_NAMES[:-len(I.STEP_SCALARS)]
 _L2 = I.FLAG_BITS["l2"]
@@ -202,6 +204,11 @@ def sparse_neg_step_size(step, lr, beta1, beta2):
     return -(lr * math.sqrt(bc2) / bc1)
 
 
+#: ``state_dtype="q8"``: 8-bit blockwise state (``fastadam._quant``) for arrays of
+#: ``_interface.Q8_MIN_SIZE`` elements or more
+Q8 = "q8"
+
+
 #: Names ``state_dtype=`` accepts besides numpy dtypes, dtype names and types
 #: (a new state format is one entry here plus its kernels).
 STATE_DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
@@ -215,10 +222,12 @@ def state_dtype_name(value):
     :data:`STATE_DTYPE_NAMES`, a numpy dtype or type, ``ml_dtypes.bfloat16``,
     a ``torch.dtype``), or a TypeError naming the argument."""
     if isinstance(value, str):
+        if value.lower() == Q8:        # 8-bit blockwise state: its own kernels
+            return Q8
         name = STATE_DTYPE_NAMES.get(value.lower())
         if name is None:
             raise TypeError(f"state_dtype {value!r} is not a known name (known: "
-                            f"{', '.join(sorted(STATE_DTYPE_NAMES))})")
+                            f"{', '.join(sorted([*STATE_DTYPE_NAMES, Q8]))})")
         return name
     if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
         return state_dtype_name(str(value).replace("torch.", ""))
@@ -238,11 +247,19 @@ def state_dtype(param_dtype, state_dtype=None, op="adam"):
     """The dtype of the optimizer state for parameters of ``param_dtype``:
     ``state_dtype`` if given -- a dtype-like or a name (``"bf16"``,
     ``"float32"``, ...: :data:`STATE_DTYPE_NAMES`), and a kernel must exist
-    for it -- else the param's. The one place a state dtype is chosen."""
+    for it -- else the param's; ``"q8"`` (:data:`Q8`, 8-bit blockwise state) if
+    that is asked for and compiled for the param's dtype. The one place a state
+    dtype is chosen."""
     pdt = np.dtype(param_dtype)
     if state_dtype is None:
         return pdt
     name = state_dtype_name(state_dtype)
+    if name is Q8:
+        if (op + "_q8", pdt, pdt, np.dtype(np.uint8)) not in _NAMES:
+            q8_have = sorted({k[1] for k in I.KERNELS if k[0] == op + "_q8"})
+            raise TypeError(f"state_dtype 'q8' is not supported for {pdt} parameters "
+                            f"(8-bit state is compiled for: {', '.join(q8_have) or 'none'})")
+        return Q8
     if name not in DTYPES:
         raise TypeError(f"state_dtype {name} needs the ml_dtypes package "
                         "(pip install ml_dtypes, or fastadam[bf16])")
@@ -275,3 +292,14 @@ def array_seed(seed, index):
     """The seed of entry ``index`` of an optimizer seeded with ``seed``: each
     parameter gets its own stream of rounding bits."""
     return _splitmix64((seed & _M64) ^ _splitmix64(index & _M64))
+
+
+def state_format(param_dtype, size, state_dtype_=None, op="adam"):
+    """The state one parameter of ``size`` elements gets: :data:`Q8` for
+    ``state_dtype_="q8"`` and ``size >= _interface.Q8_MIN_SIZE`` (smaller arrays
+    keep the param dtype's state, as bitsandbytes does), else
+    :func:`state_dtype`'s dtype. The one place the optimizers decide it."""
+    fmt = state_dtype(param_dtype, state_dtype_, op)
+    if fmt is Q8 and size < I.Q8_MIN_SIZE:
+        return np.dtype(param_dtype)
+    return fmt

@@ -313,3 +313,32 @@ def sparse_adam(table, indices, grad_rows, exp_avg, exp_avg_sq, *, step=None, lr
     table[ids] = round_rne(p, table.dtype)
     exp_avg[ids] = round_rne(m, exp_avg.dtype)
     exp_avg_sq[ids] = round_rne(v, exp_avg_sq.dtype)
+
+
+# ----------------------------------------------------- 8-bit state (issue 13)
+
+def adam8bit(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, *, step,
+             lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+             decoupled_weight_decay=False, maximize=False, grad_scale=None):
+    """Dense Adam/AdamW step with 8-bit blockwise state, in place.
+
+    m and v dequantised (:func:`fastadam._quant.dequantize`), the float32
+    update of :func:`adam` with every element on the vector-loop formula (no
+    torch scalar tail: ``vector_bytes`` = one element), then the new m and v
+    requantised per block (:func:`fastadam._quant.quantize`: new absmax,
+    exact nearest code).
+    """
+    from . import _quant as Q
+    m = Q.dequantize(exp_avg, exp_avg_absmax, signed=True)
+    v = Q.dequantize(exp_avg_sq, exp_avg_sq_absmax, signed=False)
+    adam(param, grad, m, v, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+         grad_scale=grad_scale, vector_bytes=param.dtype.itemsize)
+    exp_avg[...], exp_avg_absmax[...] = Q.quantize(m, signed=True)
+    exp_avg_sq[...], exp_avg_sq_absmax[...] = Q.quantize(v, signed=False)
+
+
+def adamw8bit(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, *, step,
+              weight_decay=1e-2, **kw):
+    adam8bit(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, step=step,
+             weight_decay=weight_decay, decoupled_weight_decay=True, **kw)

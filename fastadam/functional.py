@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import numpy.typing as npt
 
-from . import _plan, _runtime, _threads
+from . import _plan, _quant, _runtime, _threads
 from ._validate import (
     F32,
     F64,
@@ -36,7 +36,9 @@ from ._validate import (
 
 __all__ = ["adam_step", "adamw_step", "adam", "adamw", "sparse_adam_step", "grad_norm",
            "plan_adam", "plan_sparse_adam", "run", "CatchUpHistory", "sparse_adam_catchup_step",
-           "sparse_adam_catch_up"]
+           "sparse_adam_catch_up",
+           "adam8bit_step", "adamw8bit_step",
+           "adam8bit", "adamw8bit", "plan_adam8bit", "new_state8bit"]
 
 Array = npt.NDArray[Any]
 Real = Union[float, int]
@@ -1116,3 +1118,228 @@ def _plan_catchup(table, indices, grad_rows, exp_avg, exp_avg_sq, last_step, his
     args = _plan.with_step(args, 0.0)
     return [(_run_catchup, (kernel, (table, indices, grad_rows, exp_avg, exp_avg_sq,
                                      max_exp_avg_sq, last_step, history.table, args, flags, nt)))]
+
+# ------------------------------------------------- dense, 8-bit state (issue 13)
+
+_U8 = np.dtype(np.uint8)
+_Q8_STATE = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+_Q8_LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_avg_absmaxes",
+                  "exp_avg_sq_absmaxes")
+
+
+def new_state8bit(shape: Union[int, tuple[int, ...]]) -> dict[str, Array]:
+    """Fresh 8-bit state for a parameter of ``shape``: the four buffers
+    :func:`adam8bit_step` takes, all representing zero.
+
+    ``exp_avg`` (uint8 codes of the signed map: 127 is 0.0) and
+    ``exp_avg_sq`` (unsigned map: 0 is 0.0) have the parameter's shape;
+    ``exp_avg_absmax`` and ``exp_avg_sq_absmax`` (float32) one value per
+    block of 256 elements (``ceil(size / 256)``), all 0.
+
+    Examples
+    --------
+    >>> import fastadam as fa
+    >>> st = fa.functional.new_state8bit((3, 100))
+    >>> st["exp_avg"].dtype, st["exp_avg_absmax"].shape
+    (dtype('uint8'), (2,))
+    """
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    nb = _quant.n_blocks(math.prod(shape))
+    return {"exp_avg": np.full(shape, _quant.SIGNED_ZERO, np.uint8),
+            "exp_avg_sq": np.full(shape, _quant.UNSIGNED_ZERO, np.uint8),
+            "exp_avg_absmax": np.zeros(nb, np.float32),
+            "exp_avg_sq_absmax": np.zeros(nb, np.float32)}
+
+
+def _check_q8_state(names, bufs, param):
+    """The four 8-bit state buffers of ``param``: uint8 codes of its shape,
+    float32 absmax of ``(n_blocks,)``; C-contiguous, writable."""
+    nb = _quant.n_blocks(param.size)
+    for name, a, dt, shape in zip(names, bufs, (_U8, _U8, F32, F32),
+                                  (param.shape, param.shape, (nb,), (nb,))):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray of {dt}, got {describe(a)}")
+        if a.dtype != dt or not a.dtype.isnative:
+            raise TypeError(f"{name} must have dtype {dt} (8-bit state: uint8 codes, float32 "
+                            f"absmax per block of {_quant.BLOCK}), got {a.dtype}")
+        if a.shape != shape:
+            what = "the shape of the param" if shape == param.shape else \
+                f"one value per block of {_quant.BLOCK} elements"
+            raise ValueError(f"{name} must have shape {shape} ({what}), got {a.shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous, got strides {a.strides}")
+        if not a.flags.aligned:
+            raise ValueError(f"{name} is not aligned; copy it into a fresh array")
+        if not a.flags.writeable:
+            raise ValueError(f"{name} is read-only; it is updated in place and must be writable")
+
+
+def _q8_entry(names, param, grad, state):
+    """Check one parameter's buffers for an 8-bit step; return its kernel key's
+    dtypes ``(param dtype, grad dtype)``."""
+    pdt = check_buffer(names[0], param)
+    gdt = check_buffer(names[1], grad, writable=False)
+    _kernels().get("adam_q8", pdt, gdt, _U8, names[:3])
+    if grad.shape != param.shape:
+        same_shape(names[1], grad, names[0], param)
+    _check_q8_state(names[2:6], state, param)
+    return pdt, gdt
+
+
+def adam8bit_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array,
+                  exp_avg_absmax: Array, exp_avg_sq_absmax: Array, *, step: int,
+                  lr: Real = 1e-3, betas: Betas = (0.9, 0.999), eps: Real = 1e-8,
+                  weight_decay: Real = 0.0, decoupled_weight_decay: bool = False,
+                  maximize: bool = False, grad_scale: Optional[Real] = None,
+                  n_threads: Optional[int] = None) -> None:
+    """One fused Adam (or AdamW) step with 8-bit blockwise state, in place.
+
+    Parameters
+    ----------
+    param : ndarray
+        float32, C-contiguous, writable. Updated in place.
+    grad : ndarray
+        float32 of the param's shape, C-contiguous; may be read-only.
+    exp_avg, exp_avg_sq : ndarray of uint8
+        The moments as codes (param's shape): ``exp_avg`` into the signed,
+        ``exp_avg_sq`` into the unsigned dynamic map
+        (:func:`fastadam._quant.dynamic_map`). Updated in place.
+    exp_avg_absmax, exp_avg_sq_absmax : ndarray of float32, shape (ceil(size / 256),)
+        Each block's scale (max |value| of its 256 elements). Updated in place.
+        :func:`new_state8bit` makes all four, zero.
+    step, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize, grad_scale, n_threads
+        As :func:`fastadam.adam_step` (there is no ``amsgrad``).
+
+    Notes
+    -----
+    Per block of 256 elements, in one pass: m and v dequantised
+    (``map[code] * absmax``), the float32 update of :func:`fastadam.adam_step`
+    (same fmas and correctly rounded divisions; every element takes torch's
+    vector-loop formula), p written, the block's new absmax of m and v, m and
+    v requantised to the exact nearest code (docs: "8-bit optimizer state").
+    Bitwise identical for every thread count and ISA module. Any size is
+    accepted here; the optimizers keep float32 state below 4096 elements.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam as fa
+    >>> p = np.ones(300, np.float32); g = np.full(300, 0.5, np.float32)
+    >>> st = fa.functional.new_state8bit(p.shape)
+    >>> fa.functional.adam8bit_step(p, g, **st, step=1, lr=0.1)
+    >>> float(p[0]), int(st["exp_avg"][0]), float(st["exp_avg_absmax"][0])
+    (0.9000000357627869, 255, 0.05000000074505806)
+    """
+    run(plan_adam8bit([param], [grad], [exp_avg], [exp_avg_sq], [exp_avg_absmax],
+                      [exp_avg_sq_absmax], steps=step, lr=lr, betas=betas, eps=eps,
+                      weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                      maximize=maximize, grad_scale=grad_scale, n_threads=n_threads,
+                      _single=True))
+
+
+def adamw8bit_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array,
+                   exp_avg_absmax: Array, exp_avg_sq_absmax: Array, *, step: int,
+                   weight_decay: Real = 1e-2, **kwargs: Any) -> None:
+    """AdamW with 8-bit state: :func:`adam8bit_step` with decoupled weight decay
+    (default ``weight_decay=1e-2``)."""
+    adam8bit_step(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
+                  step=step, weight_decay=weight_decay, decoupled_weight_decay=True, **kwargs)
+
+
+def adam8bit(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequence[Array],
+             exp_avg_sqs: Sequence[Array], exp_avg_absmaxes: Sequence[Array],
+             exp_avg_sq_absmaxes: Sequence[Array], *, steps: Steps, **kwargs: Any) -> None:
+    """Step a list of arrays with 8-bit state in ONE native call (per dtype
+    combination): :func:`adam8bit_step` per entry; ``steps`` one int or one per
+    array; the other keywords as :func:`adam8bit_step`. Threads take chunks of
+    blocks across array boundaries."""
+    run(plan_adam8bit(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
+                      exp_avg_sq_absmaxes, steps=steps, **kwargs))
+
+
+def adamw8bit(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequence[Array],
+              exp_avg_sqs: Sequence[Array], exp_avg_absmaxes: Sequence[Array],
+              exp_avg_sq_absmaxes: Sequence[Array], *, steps: Steps,
+              weight_decay: Real = 1e-2, **kwargs: Any) -> None:
+    """AdamW over lists with 8-bit state: :func:`adam8bit`, decoupled decay."""
+    adam8bit(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
+             steps=steps, weight_decay=weight_decay, decoupled_weight_decay=True, **kwargs)
+
+
+def plan_adam8bit(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequence[Array],
+                  exp_avg_sqs: Sequence[Array], exp_avg_absmaxes: Sequence[Array],
+                  exp_avg_sq_absmaxes: Sequence[Array], *, steps: Steps, lr: Real = 1e-3,
+                  betas: Betas = (0.9, 0.999), eps: Real = 1e-8, weight_decay: Real = 0.0,
+                  decoupled_weight_decay: bool = False, maximize: bool = False,
+                  grad_scale: Optional[Real] = None, n_threads: Optional[int] = None,
+                  labels: Optional[Sequence[int]] = None, _single: bool = False) -> Plan:
+    """Validate everything for :func:`adam8bit` and return its plan (one
+    native call per dtype combination) without running it (see :func:`run`).
+    ``labels`` as :func:`plan_adam`."""
+    lab = (lambda i: i) if labels is None else labels.__getitem__
+    _check_flags(decoupled_weight_decay, False, maximize)
+    params = _as_list("params", params)
+    n = len(params)
+    lists = [params] + [_as_list(name, x, n) for name, x in zip(
+        _Q8_LIST_NAMES[1:], (grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
+                             exp_avg_sq_absmaxes))]
+    if _single:
+        names = ("param", "grad") + _Q8_STATE
+        step_names = ["step"]
+    else:
+        names = None
+        step_names = [f"steps[{lab(i)}]" for i in range(n)]
+    if isinstance(steps, (list, tuple, np.ndarray)):
+        if len(steps) != n:
+            raise ValueError(f"steps must be one int or {n} ints (one per param), got {len(steps)}")
+        step_list = [check_step(s, step_names[i]) for i, s in enumerate(steps)]
+    else:
+        step_list = [check_step(steps, step_names[0] if _single else "steps")] * n
+    keys: dict[tuple[Any, Any], list[int]] = {}
+    for i in range(n):
+        nm = names or tuple(f"{name}[{lab(i)}]" for name in _Q8_LIST_NAMES)
+        key = _q8_entry(nm, lists[0][i], lists[1][i], [lst[i] for lst in lists[2:]])
+        keys.setdefault(key, []).append(i)
+    lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
+    scaled, scale = check_grad_scale(grad_scale)
+    flat = [a for lst in lists for a in lst]
+    if len(flat) > 1:
+        ptrs = np.empty(len(flat), np.int64)
+        _runtime.addresses(flat, ptrs)
+        nbytes = np.fromiter((a.nbytes for a in flat), np.int64, len(flat))
+        is_out = np.ones(len(flat), np.int8)
+        is_out[n:2 * n] = 0                                     # grads are only read
+        hit = _runtime.first_conflict(ptrs, nbytes, is_out)
+        if hit is not None:
+            a, b = ((names[k // n] if names else f"{_Q8_LIST_NAMES[k // n]}[{lab(k % n)}]")
+                    for k in hit)
+            raise ValueError(f"{a} and {b} share memory; outputs must not alias each other "
+                             "or any gradient")
+    nt_arg = _threads.check(n_threads)
+    args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize,
+                                   scale if scaled else None)
+    scal = {s: _plan.dense_step_scalars(s, lr, b1, b2) for s in set(step_list)}
+    tables = _quant.tables()
+    plan: Plan = []
+    for (pdt, gdt), idx in keys.items():
+        sizes = np.array([params[i].size for i in idx], np.int64)
+        total = int(sizes.sum())
+        if total == 0:
+            continue
+        nt = _threads.resolve(nt_arg, total)
+        if _single:
+            kernel = _kernels().get("adam_q8", pdt, gdt, _U8)
+            full = _plan.with_step(args, *scal[step_list[0]])
+            plan.append((kernel, tuple(lst[0] for lst in lists) + (tables, full, flags, nt)))
+            continue
+        ptrs = np.empty((6, len(idx)), np.int64)
+        for j, lst in enumerate(lists):
+            _runtime.addresses([lst[i] for i in idx], ptrs[j])
+        offsets = np.zeros(len(idx) + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        neg_steps = np.array([scal[step_list[i]][0] for i in idx])
+        bc2s = np.array([scal[step_list[i]][1] for i in idx])
+        kernel = _kernels().get("adam_q8_multi", pdt, gdt, _U8)
+        plan.append((kernel, (ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], offsets,
+                              neg_steps, bc2s, tables, _plan.with_step(args, 0.0, 1.0), flags,
+                              nt)))
+    return plan

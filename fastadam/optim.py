@@ -54,7 +54,12 @@ def new_state(shape: tuple[int, ...], dtype: npt.DTypeLike, amsgrad: bool = Fals
     """Fresh zeroed optimizer state for a parameter: ``step`` 0, ``exp_avg``,
     ``exp_avg_sq`` (of ``rowwise_shape`` if given) and, with amsgrad,
     ``max_exp_avg_sq``, all of ``dtype`` (``np.zeros``: pages are only
-    materialised when touched). The one place the numpy layers create state."""
+    materialised when touched). ``dtype="q8"``: 8-bit state
+    (:func:`fastadam.functional.new_state8bit`: uint8 ``exp_avg``,
+    ``exp_avg_sq``, float32 ``exp_avg_absmax``, ``exp_avg_sq_absmax``). The
+    one place the numpy layers create state."""
+    if isinstance(dtype, str) and dtype == _plan.Q8:
+        return {"step": 0, **F.new_state8bit(shape)}
     vshape = shape if rowwise_shape is None else rowwise_shape
     st = {"step": 0, "exp_avg": np.zeros(shape, dtype), "exp_avg_sq": np.zeros(vshape, dtype)}
     if amsgrad:
@@ -94,7 +99,12 @@ class Adam(_Locked):
     state_dtype : dtype or str, optional
         The dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` (default:
         the param's): e.g. ``"bf16"`` or ``ml_dtypes.bfloat16`` for float32
-        params (half the state memory; see docs: Precision). A group key.
+        params (half the state memory; see docs: Precision), or ``"q8"``:
+        8-bit blockwise state (docs: "8-bit optimizer state") for float32
+        parameters of 4096+ elements -- ``exp_avg``/``exp_avg_sq`` uint8 codes
+        plus float32 ``exp_avg_absmax``/``exp_avg_sq_absmax`` (one per block
+        of 256), about 2 bytes per parameter instead of 8; smaller arrays keep
+        float32 state; no amsgrad, no ``param_copies``. A group key.
     stochastic_rounding : bool
         Round bfloat16 params and/or state stochastically (unbiased) instead
         of to nearest even. A group key.
@@ -190,7 +200,9 @@ class Adam(_Locked):
         for k, v in prec.items():
             group[k] = v
         sdt = group.get("state_dtype")
-        if sdt is not None:
+        if sdt == _plan.Q8:
+            _check_q8_group(group, ps)
+        elif sdt is not None:
             for p in ps:
                 _plan.state_dtype(p.dtype, sdt)
         _no_param_overlap(self._all_params() + ps)
@@ -201,7 +213,7 @@ class Adam(_Locked):
 
     def _init_state(self, p, amsgrad, group=None):
         sdt = None if group is None else group.get("state_dtype")
-        return new_state(p.shape, _plan.state_dtype(p.dtype, sdt), amsgrad)
+        return new_state(p.shape, _plan.state_format(p.dtype, p.size, sdt), amsgrad)
 
     # -- the step ---------------------------------------------------------
     def step(self, grads: Sequence[Optional[Array]], *,
@@ -249,6 +261,26 @@ class Adam(_Locked):
                     elif any(c is None for c in copies):
                         raise ValueError("param_copies: within a param group, give a copy "
                                          "for every parameter with a gradient or for none")
+                if group.get("state_dtype") == _plan.Q8:    # 8-bit state: its own plan
+                    is_q8 = ["exp_avg_absmax" in st for st in sts]
+                    if any(is_q8):
+                        if copies is not None:
+                            raise ValueError("param_copies: not supported for parameters "
+                                             "with 8-bit state (state_dtype='q8')")
+                        qp, qs, qsteps, qlab = (_take(xs, is_q8, True)
+                                                for xs in (pairs, sts, steps, labels))
+                        plans.append((F.plan_adam8bit(
+                            [p for p, _ in qp], [g for _, g in qp],
+                            *[[st[k] for st in qs] for k in F._Q8_STATE], steps=qsteps,
+                            lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                            weight_decay=group["weight_decay"],
+                            decoupled_weight_decay=group["decoupled_weight_decay"],
+                            maximize=group["maximize"], grad_scale=grad_scale,
+                            n_threads=self.n_threads, labels=qlab), qp, qs, qsteps, qlab))
+                        pairs, sts, steps, labels = (_take(xs, is_q8, False)
+                                                     for xs in (pairs, sts, steps, labels))
+                        if not pairs:
+                            continue
                 plan = F.plan_adam(
                     [p for p, _ in pairs], [g for _, g in pairs],
                     [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
@@ -404,7 +436,7 @@ def _no_cross_group_alias(plans):
             arrays += [p, g]
             names += [f"params[{lab}]", f"grads[{lab}]"]
             out += [1, 0]
-            for k in _STATE_KEYS:
+            for k in _STATE_KEYS + _Q8_KEYS:
                 if k in st:
                     arrays.append(st[k])
                     names.append(f"the {k} of params[{lab}]")
@@ -420,6 +452,24 @@ def _no_cross_group_alias(plans):
 
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_Q8_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")     # 8-bit state (with uint8 exp_avg[_sq])
+
+
+def _take(xs, mask, keep):
+    """The entries of ``xs`` whose ``mask`` entry is ``keep``."""
+    return [x for x, m in zip(xs, mask) if m is keep]
+
+
+def _check_q8_group(group, params):
+    """A group with ``state_dtype='q8'``: a kernel for every param's dtype, no amsgrad."""
+    if group["amsgrad"]:
+        raise ValueError("amsgrad=True is not supported with state_dtype='q8' (no 8-bit "
+                         "max_exp_avg_sq)")
+    for i, p in enumerate(params):
+        try:
+            _plan.state_dtype(p.dtype, group["state_dtype"])
+        except TypeError as e:
+            raise TypeError(f"params[{i}]: {e}") from None
 _BOOL_KEYS = ("amsgrad", "maximize", "decoupled_weight_decay")
 _OPT_BOOL_KEYS = ("foreach", "capturable", "differentiable", "fused")
 
@@ -446,7 +496,7 @@ def _check_group(gi, g, sg):
         upd[k] = v
     prec = {k: upd.pop(k) for k in _PRECISION_DEFAULTS if k in upd}
     upd.update(_check_precision(f"param group {gi}: ", prec))
-    if upd.get("state_dtype") is not None:
+    if upd.get("state_dtype") is not None and upd["state_dtype"] != _plan.Q8:
         for p in g["params"]:
             try:
                 _plan.state_dtype(p.dtype, upd["state_dtype"])
@@ -459,6 +509,12 @@ def _check_group(gi, g, sg):
         raise type(e)(f"param group {gi}: {e}") from None
     if "lr" in upd:
         upd["lr"] = _to_number(upd["lr"])
+    merged = {**g, **upd}
+    if merged.get("state_dtype") == _plan.Q8:
+        try:
+            _check_q8_group(merged, g["params"])
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"param group {gi}: {e}") from None
     return upd
 
 
@@ -498,9 +554,15 @@ def precision_defaults(state_dtype=None, stochastic_rounding=False, seed=None):
 
 
 def _check_param_state(name, st, p, amsgrad, state_dtype=None):
-    """A checkpoint's state of parameter ``p``: fresh, validated buffers."""
+    """A checkpoint's state of parameter ``p``: fresh, validated buffers
+    (8-bit state -- ``exp_avg_absmax`` present -- only in a ``q8`` group)."""
     if not isinstance(st, dict):
         raise TypeError(f"{name} must be a dict, got {type(st).__name__}")
+    if any(k in st for k in _Q8_KEYS):
+        if state_dtype != _plan.Q8:
+            raise ValueError(f"{name} holds 8-bit state ({', '.join(_Q8_KEYS)}) but its "
+                             "param group's state_dtype is not 'q8'")
+        return _check_q8_state(name, st, p)
     unknown = [k for k in st if k != "step" and k not in _STATE_KEYS]
     if unknown:
         raise ValueError(f"{name} has unknown keys {unknown} (expected step, "
@@ -511,10 +573,42 @@ def _check_param_state(name, st, p, amsgrad, state_dtype=None):
             raise ValueError(f"{name} lacks '{k}', needed by the group's options")
     ns: dict[str, Any] = {"step": check_state_step(st["step"], f"{name} 'step'")}
     sdt = _plan.state_dtype(p.dtype, state_dtype)
+    if sdt is _plan.Q8:         # float state in a 'q8' group (small array, or loaded)
+        sdt = np.dtype(p.dtype)
     for k in _STATE_KEYS:
         if k in st:
             ns[k] = _state_array(f"{name} '{k}'", st[k], p.shape, sdt,
                                  nonneg=k != "exp_avg")
+    return ns
+
+
+def _check_q8_state(name, st, p):
+    """A checkpoint's 8-bit state of ``p``: ``step``, uint8 ``exp_avg`` /
+    ``exp_avg_sq`` of its shape (any code is valid), float32 finite >= 0
+    ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` of one value per block."""
+    keys = ("exp_avg", "exp_avg_sq") + _Q8_KEYS
+    unknown = [k for k in st if k != "step" and k not in keys]
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown} (8-bit state: step, "
+                         f"{', '.join(keys)})")
+    missing = [k for k in ("step",) + keys if k not in st]
+    if missing:
+        raise ValueError(f"{name} lacks {missing} (8-bit state)")
+    ns: dict[str, Any] = {"step": check_state_step(st["step"], f"{name} 'step'")}
+    nb = (F._quant.n_blocks(p.size),)
+    for k in keys:
+        arr = to_numpy(st[k])
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{name} '{k}' must be an array, got {type(arr).__name__}")
+        want = np.dtype(np.uint8) if k in ("exp_avg", "exp_avg_sq") else np.dtype(np.float32)
+        if arr.dtype != want:
+            raise TypeError(f"{name} '{k}' must have dtype {want} (8-bit state), got {arr.dtype}")
+        shape = p.shape if want == np.uint8 else nb
+        if arr.shape != shape:
+            raise ValueError(f"{name} '{k}' has shape {arr.shape}, expected {shape}")
+        if want == np.float32 and arr.size and not (np.all(np.isfinite(arr)) and arr.min() >= 0):
+            raise ValueError(f"{name} '{k}' must hold finite values >= 0 (block scales)")
+        ns[k] = np.array(arr, order="C", copy=True)
     return ns
 
 

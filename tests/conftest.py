@@ -117,7 +117,7 @@ def use_isa(monkeypatch):
 # Markers (declared in pyproject.toml) applied by file name, so that
 # ``-m "not torch"``, ``-m "not slow"`` or ``-m bench`` select whole files.
 _FILE_MARKERS = {
-    "torch": ("test_torch", "test_parity_torch"),
+    "torch": ("test_torch", "test_parity_torch", "test_q8_torch"),
     "bench": ("test_bench",),
     "slow": ("test_build", "test_bench"),
 }

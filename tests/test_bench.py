@@ -76,6 +76,26 @@ def test_smoke_writes_json(smoke):
     assert any(r["chosen"] for r in isa) and all(r["impl"].startswith("isa:") for r in isa)
 
 
+def test_smoke_q8_scenario(smoke):
+    """The q8 scenario ran fastadam's 8-bit step next to float32 and torch fused,
+    and reports bytes per element and state bytes per parameter (issue 13)."""
+    out, stdout = smoke
+    with open(out / "results.json") as f:
+        recs = [r for r in json.load(f)["results"] if r["scenario"] == "q8"]
+    impls = {r["impl"] for r in recs}
+    assert {"fastadam-q8", "fastadam", "torch-fused"} <= impls, impls
+    for r in recs:
+        assert r["ns_per_elem"] > 0 and r["state_bytes_per_param"] > 0
+        if r["impl"] == "fastadam-q8":
+            # <= 2.1 B/param for an array of 4096+ elements; a model's small arrays
+            # keep float32 state
+            limit = 2.1 if r["arrays"] == 1 else 2.5
+            assert r["bytes_per_elem"] < 16.1 and r["state_bytes_per_param"] <= limit, r
+        if r["impl"] in ("fastadam", "torch-fused"):
+            assert r["bytes_per_elem"] == 28 and r["state_bytes_per_param"] == 8, r
+    assert "8-bit state (q8)" in stdout
+
+
 def test_smoke_writes_markdown_and_plots(smoke):
     out, stdout = smoke
     md = (out / "results.md").read_text()

@@ -259,7 +259,7 @@ class Run:
             self.repeats = max(1, args.repeats)
         if args.target_ms:
             self.target_s = args.target_ms / 1e3
-        known = set(P.DENSE) | set(S.SPARSE) | set(S.MIXED) | {"all"}
+        known = set(P.DENSE) | set(S.SPARSE) | set(S.MIXED) | set(S.Q8_PEERS) | {"all"}
         if args.peers:
             bad = [p for p in args.peers if p not in known]
             if bad:
@@ -269,7 +269,8 @@ class Run:
         elif args.peers:
             self.peers = set(args.peers)
         elif self.mode == "smoke":  # DeepSpeed's import + set-up alone takes seconds
-            self.peers = (set(P.DENSE) | set(S.SPARSE) | set(S.MIXED)) - {"deepspeed"}
+            self.peers = (set(P.DENSE) | set(S.SPARSE) | set(S.MIXED)
+                          | set(S.Q8_PEERS)) - {"deepspeed"}
         else:
             self.peers = None
         self.soak_steps = args.soak_steps or (10**5, 10**3)
@@ -364,7 +365,7 @@ def main(argv=None):
             run.log(f"skip torch peers: {e}")
             run.skipped.append(str(e))
     needs_bw = any(s in run.scenarios for s in ("dense", "many", "torch", "sparse",
-                                                "torch-sparse", "isa"))
+                                                "torch-sparse", "isa", "q8"))
     if needs_bw:
         run.log(f"measuring memory bandwidth ({run.bw_elems * 4 / 2**20:.0f} MiB arrays)...")
         bw_threads = sorted(set(run.threads) | set(run.threads_many))

@@ -64,6 +64,12 @@ def _fastadam_adamw(params, lr, weight_decay, **kw):
     return fat.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
 
 
+def _fastadam_adamw8bit(params, lr, weight_decay):
+    import fastadam.torch as fat
+
+    return fat.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
 def _torch_fused_adamw(params, lr, weight_decay):
     import torch
 
@@ -88,6 +94,7 @@ CONFIGS: dict[str, Config] = {
                            _fastadam_adamw),
     "bf16-stochastic": Config("fastadam AdamW, all-bf16 (stochastic rounding)", "bfloat16",
                               _fastadam_adamw_with(stochastic_rounding=True, seed=0)),
+    "q8": Config("fastadam AdamW8bit, 8-bit state", "float32", _fastadam_adamw8bit),
 }
 
 

@@ -19,6 +19,7 @@ from . import bound as B
 from . import peers as P
 from . import precision as PR
 from .machine import bound_for
+from .q8 import q8_tables
 
 # scenario -> the record fields that, with it, name a group of comparable records
 GROUP_KEYS: dict[str, tuple[str, ...]] = {
@@ -28,6 +29,7 @@ GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "torch": ("model", "dtype", "threads"),
     "sparse": ("rows", "dim", "batch", "zipf", "dtype", "threads", "mode"),
     "torch-sparse": ("workload", "dtype", "threads"),
+    "q8": ("case", "dtype", "threads"),
 }
 
 
@@ -419,6 +421,7 @@ def tables(result):
                     f"Serial vs 2-thread crossover, {s['dtype']}: no stable crossover in range",
                     _table(["elements", "1 thread", "2 threads", "t2/t1", "faster"], rows)))
     out += PR.tables(recs)
+    out += q8_tables(recs, fmt_r, _table, B.fmt_pct)
     # soak
     for sm in [r for r in recs if r["scenario"] == "soak-summary"]:
         rows = []

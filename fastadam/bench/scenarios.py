@@ -7,9 +7,9 @@ shapes, 148 small tensors, one tensor), ``sparse`` (embedding rows; options:
 pre-merged ids, cycling batches, thread counts), ``torch-sparse`` (skip-gram
 SparseAdam and a mixed Embedding+MLP model at the torch level), ``isa``
 (the ISA modules side by side), ``threshold`` (serial vs 2-thread
-crossover), ``precision`` (16-bit dtype combinations, :mod:`fastadam.bench.precision`)
-and, on request only, ``soak`` (memory flat over many steps and
-optimizers, :mod:`fastadam.bench.soak`).
+crossover), ``precision`` (16-bit dtype combinations, :mod:`fastadam.bench.precision`),
+``q8`` (8-bit state, :mod:`fastadam.bench.q8`) and, on request only, ``soak``
+(memory flat over many steps and optimizers, :mod:`fastadam.bench.soak`).
 
 Method: every implementation of a case runs in this process on the same
 buffers, interleaved by ``timing.measure`` (medians, min/max, re-measured
@@ -39,8 +39,10 @@ import numpy as np
 from . import bound as B
 from . import peers as P
 from . import precision as PR
+from . import q8 as _q8
 from . import timing
 from .machine import bound_for, note_bound
+from .q8 import PEERS as Q8_PEERS  # noqa: F401  (cli's --peers)
 
 if TYPE_CHECKING:
     from .cli import Run
@@ -1034,6 +1036,9 @@ SCENARIOS = {
     "sparse-scale": (sparse_scale, lambda run: len(run.sparse_scale) * len(run.threads),
                      "on request only: a 10M x 128 table in RAM and an np.memmap table + state "
                      "beyond RAM (--sparse-scale ram,memmap, --scale-dir DIR)"),
+    "q8": (_q8.q8_scenario, _q8.q8_steps, "AdamW with 8-bit state (fastadam.functional."
+           "adamw8bit) vs float32 state, torch fused, bitsandbytes and torchao AdamW8bit: "
+           "2**24, 2**26, GPT-2 small; time, B/elem, % of bound, state B/param"),
     "soak": (soak_scenario, lambda run: 2,
              "on request only: RSS and tracemalloc flat over 10**5 small + 10**3 large "
              "steps, optimizers (numpy and torch, dense and sparse) created and destroyed; "

@@ -1,7 +1,9 @@
 """Design: PyTorch drop-ins (layer 4): ``Adam``, ``AdamW``, ``SparseAdam``.
 
 Laid out like ``torch.optim``: :mod:`fastadam.torch.adam` (``Adam``,
-``AdamW``), :mod:`fastadam.torch.sparse_adam` (``SparseAdam``) and
+``AdamW``), :mod:`fastadam.torch.adam8bit` (``Adam8bit``, ``AdamW8bit``:
+8-bit state, and the bitsandbytes state converters),
+:mod:`fastadam.torch.sparse_adam` (``SparseAdam``) and
 :mod:`fastadam.torch._views` (zero-copy numpy views, layout helpers, state
 creation, parameter checks) and :mod:`fastadam.torch._state`
 (:func:`to_torch_state_dict`: numpy-layout state dicts, e.g. from
@@ -27,7 +29,9 @@ except ImportError as _e:  # torch is an optional extra
 from ._backward import StepInBackward, step_in_backward
 from ._state import resolve_fused, to_torch_state_dict
 from .adam import Adam, AdamW
+from .adam8bit import Adam8bit, AdamW8bit, from_bitsandbytes_state, to_bitsandbytes_state
 from .sparse_adam import SparseAdam
 
 __all__ = ["Adam", "AdamW", "SparseAdam", "to_torch_state_dict", "resolve_fused",
-           "step_in_backward", "StepInBackward"]
+           "step_in_backward", "StepInBackward",
+           "Adam8bit", "AdamW8bit", "to_bitsandbytes_state", "from_bitsandbytes_state"]

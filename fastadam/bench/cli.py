@@ -17,8 +17,8 @@ from typing import Any, Optional, TypedDict
 from . import bound as B
 from . import machine, report
 from . import peers as P
-from . import train as T
 from . import scenarios as S
+from . import train as T
 from .timing import Progress
 
 EPILOG = """\

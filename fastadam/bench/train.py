@@ -222,7 +222,7 @@ def memory_scenario(run: Any) -> list[dict[str, Any]]:
         run.log("skip backward-memory: needs Linux /proc/self/clear_refs (peak RSS reset)")
         return []
     layers, width, batch = run.memory_model
-    out = []
+    out: list[dict[str, Any]] = []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     for loop in MEMORY_LOOPS:
         run.progress.update(f"backward-memory {loop}")

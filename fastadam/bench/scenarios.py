@@ -201,9 +201,9 @@ def overhead(run):
 # many arrays: real model parameter shapes
 # --------------------------------------------------------------------------
 
-def gpt2_small_shapes():
-    """GPT-2 small (124M): 148 parameter arrays, as in HF GPT2LMHeadModel (tied head)."""
-    d, v, ctx, L = 768, 50257, 1024, 12
+def gpt2_small_shapes(d=768, v=50257, ctx=1024, L=12):
+    """GPT-2 small (124M): 148 parameter arrays, as in HF GPT2LMHeadModel (tied head);
+    other widths ``d``, vocabularies ``v``, contexts ``ctx``, depths ``L`` alike."""
     shapes: list[tuple[int, ...]] = [(v, d), (ctx, d)]
     for _ in range(L):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
@@ -482,13 +482,7 @@ def sparse(run):
 def gpt2_w64_shapes():
     """GPT-2's 148 parameter shapes at width 64 (vocab and context 1024): 0.73M params,
     the per-tensor overhead at GPT-2's tensor count with a little arithmetic."""
-    d, v, ctx, L = 64, 1024, 1024, 12
-    shapes: list[tuple[int, ...]] = [(v, d), (ctx, d)]
-    for _ in range(L):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
-                   (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    shapes += [(d,), (d,)]
-    return shapes
+    return gpt2_small_shapes(d=64, v=1024, ctx=1024)
 
 
 TORCH_MODELS = {

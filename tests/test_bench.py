@@ -44,10 +44,10 @@ def test_smoke_writes_json(smoke):
     recs = res["results"]
     seen = {r["scenario"] for r in recs}
     assert {"dense", "overhead", "many", "torch", "sparse", "torch-sparse", "isa", "threshold",
-            "threshold-summary"} <= seen, seen
+            "threshold-summary", "train", "backward-memory"} <= seen, seen
     assert not res["errors"], res["errors"]
     for r in recs:
-        if r["scenario"] == "threshold-summary":
+        if r["scenario"] in ("threshold-summary", "backward-memory"):   # not timings
             continue
         assert r["median_s"] > 0 and r["min_s"] <= r["median_s"] <= r["max_s"], r
         assert r["impl"] and r["repeats"] >= 1
@@ -66,12 +66,18 @@ def test_smoke_writes_json(smoke):
         r["impl"] for r in sp}
     assert all(r["touched_bytes"] > 0 and r["unique_rows"] > 0 for r in sp)
     tor = [r for r in recs if r["scenario"] == "torch"]
-    assert {r["model"] for r in tor} == {"148x16", "tiny"}
+    assert {r["model"] for r in tor} == {"1x16", "148x16", "tiny"}
     assert {"fastadam.torch", "torch-fused", "torch-foreach", "torch"} <= {r["impl"] for r in tor}
     ts = [r for r in recs if r["scenario"] == "torch-sparse"]
     assert {(r["workload"], r["impl"]) for r in ts} >= {
         ("skipgram", "fastadam.torch"), ("skipgram", "torch"), ("mixed", "fastadam.torch"),
         ("mixed", "torch")}
+    tr = [r for r in recs if r["scenario"] == "train"]
+    assert {"fastadam.torch", "fastadam.torch-in-backward", "torch-fused"} <= {
+        r["impl"] for r in tr}
+    mem = {r["impl"]: r for r in recs if r["scenario"] == "backward-memory"}
+    assert set(mem) == {"fastadam.torch usual", "fastadam.torch in-backward"}
+    assert all(r["extra_peak_bytes"] > 0 and r["grad_bytes"] > 0 for r in mem.values())
     isa = [r for r in recs if r["scenario"] == "isa"]
     assert any(r["chosen"] for r in isa) and all(r["impl"].startswith("isa:") for r in isa)
 
@@ -105,6 +111,7 @@ def test_smoke_writes_markdown_and_plots(smoke):
     assert "Dense adam, float32" in stdout
     assert "Torch level, opt.step()" in md and "skip-gram SparseAdam" in md
     assert "mixed model" in md
+    assert "Training step (forward + backward + AdamW)" in md and "Peak memory" in md
     # the bound is stated with its method, and no printed fraction exceeds 100%
     assert "bandwidth bound:" in stdout and "read-modify-write" in stdout
     import re

@@ -18,6 +18,7 @@ from . import bound as B
 from . import machine, report
 from . import peers as P
 from . import scenarios as S
+from . import train as T
 from .timing import Progress
 
 EPILOG = """\
@@ -27,8 +28,10 @@ modes:
              workloads (fixed and cycling batches), the torch-level sparse cases,
              ISA and threshold sweeps
   --quick    the README command: float32, N threads, the key sizes, GPT-2 small, the
-             torch drop-ins on 148 small tensors and one tensor, the default sparse
-             workload, ISA and threshold (about 1-2 minutes on 2 cores); no torch-sparse
+             torch drop-ins on 1 and 148 tensors of 16 elements and one of 2**20 (GPT-2
+             small and BERT-base shapes at the torch level: full run), a training step
+             of the MLP, step-in-backward memory, the default sparse workload, ISA and
+             threshold (about 2 minutes on 2 cores); no torch-sparse
   --smoke    seconds; proves the suite runs (CI). Never asserts timings.
 
 examples:
@@ -38,6 +41,7 @@ examples:
 --peers fastadam,fastadam.Adam,torch-fused,deepspeed
   python -m fastadam.bench --scenario sparse --sparse 1000000x64x16384x1.1 --out /tmp/res
   python -m fastadam.bench --scenario torch --torch-models gpt2-small,bert-base,148x16,1x2^24
+  python -m fastadam.bench --scenario train,backward-memory
   python -m fastadam.bench --scenario torch-sparse
   python -m fastadam.bench --scenario sparse --sparse-batches fixed,cycling --threads 1,2
   python -m fastadam.bench --scenario soak          (on request only; --soak-steps 1e5,1e3)
@@ -169,7 +173,9 @@ class Run:
             self.threshold_sizes = [2**10, 2**12, 2**14]
             self.dense_variants = [("adam", sizes)]
             self.threads_many = [ncpu]
-            self.torch_models = ["148x16", "tiny"]
+            self.torch_models = ["1x16", "148x16", "tiny"]
+            self.train_models = ["mlp"]
+            self.memory_model = (4, 256, 4)      # layers, width, batch
             self.skipgram = (20_000, 32, 1024, 1.0)
             self.mixed = (20_000, 16, 64, 4)
             self.sparse_batches = ["fixed", "cycling", "dense"]
@@ -188,7 +194,9 @@ class Run:
             self.threshold_sizes = _geom(2**10, 2**18, 2)
             self.dense_variants = [("adam", sizes)]
             self.threads_many = [ncpu]
-            self.torch_models = ["148x16", "1x2^20"]
+            self.torch_models = ["1x16", "148x16", "1x2^20"]
+            self.train_models = ["mlp"]
+            self.memory_model = (16, 1024, 8)
             self.skipgram = (1_000_000, 128, 4096 * 9, 1.0)
             self.mixed = (1_000_000, 64, 2048, 20)
             self.sparse_batches = ["fixed"]
@@ -209,7 +217,10 @@ class Run:
             self.threshold_sizes = _geom(2**10, 2**19, 4)
             self.dense_variants = [("adam", sizes), ("adamw", [2**16, 2**20, 2**24])]
             self.threads_many = list(range(1, ncpu + 1))
-            self.torch_models = ["gpt2-small", "bert-base", "148x16", "1x2^24"]
+            self.torch_models = ["gpt2-small", "bert-base", "1x16", "148x16", "gpt2-w64",
+                                 "1x2^24"]
+            self.train_models = ["mlp", "transformer"]
+            self.memory_model = (16, 1024, 8)
             # skip-gram: batch 4096 x (window 4 + negatives 5) ids, Zipf(1.0)
             self.skipgram = (1_000_000, 128, 4096 * 9, 1.0)
             self.mixed = (1_000_000, 64, 2048, 20)  # rows, dim, batch, ids per bag
@@ -259,7 +270,8 @@ class Run:
             self.repeats = max(1, args.repeats)
         if args.target_ms:
             self.target_s = args.target_ms / 1e3
-        known = set(P.DENSE) | set(S.SPARSE) | set(S.MIXED) | set(S.Q8_PEERS) | {"all"}
+        known = (set(P.DENSE) | set(S.SPARSE) | set(S.MIXED) | set(S.Q8_PEERS) | set(T.TRAIN)
+                 | {"all"})
         if args.peers:
             bad = [p for p in args.peers if p not in known]
             if bad:
@@ -270,7 +282,7 @@ class Run:
             self.peers = set(args.peers)
         elif self.mode == "smoke":  # DeepSpeed's import + set-up alone takes seconds
             self.peers = (set(P.DENSE) | set(S.SPARSE) | set(S.MIXED)
-                          | set(S.Q8_PEERS)) - {"deepspeed"}
+                          | set(S.Q8_PEERS) | set(T.TRAIN)) - {"deepspeed"}
         else:
             self.peers = None
         self.soak_steps = args.soak_steps or (10**5, 10**3)
@@ -348,8 +360,8 @@ def main(argv=None):
     cmd = "python -m fastadam.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     setting_keys = ("dtypes", "threads", "repeats", "target_s", "models", "sparse_configs",
                     "isa_sizes", "threshold_sizes", "dense_variants", "threads_many",
-                    "threads_isa", "scenarios", "torch_models", "skipgram", "mixed",
-                    "sparse_batches", "isa_rounds", "llc")
+                    "threads_isa", "scenarios", "torch_models", "train_models",
+                    "memory_model", "skipgram", "mixed", "sparse_batches", "isa_rounds", "llc")
     meta = {"command": cmd.strip(), "mode": run.mode, "machine": info,
             "date_utc": info["date_utc"], "loadavg_start": _loadavg(),
             "settings": {k: v for k, v in vars(run).items() if k in setting_keys},

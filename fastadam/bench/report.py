@@ -30,6 +30,7 @@ GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "sparse": ("rows", "dim", "batch", "zipf", "dtype", "threads", "mode"),
     "torch-sparse": ("workload", "dtype", "threads"),
     "q8": ("case", "dtype", "threads"),
+    "train": ("model", "dtype", "threads"),
 }
 
 
@@ -323,6 +324,26 @@ def tables(result):
                         _table(["impl", "ms/step", "min-max", "ns/elem", "% of bound",
                                 "speedup of this vs torch-fused", "vs best peer"],
                                _bars(recs, rs))))
+    # whole training steps and step-in-backward memory (fastadam.bench.train)
+    tr = [r for r in recs if r["scenario"] == "train"]
+    for key in sorted({(r["model"], r["dtype"], r["threads"]) for r in tr}):
+        rs = [r for r in tr if (r["model"], r["dtype"], r["threads"]) == key]
+        fused = {r["impl"]: r for r in rs}.get("torch-fused")
+        rows = [[r["impl"], ("~" if disturbed(r) else "") + f"{r['median_s'] * 1e3:.3f}",
+                 f"{r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f}",
+                 f"{fused['median_s'] / r['median_s']:.2f}x" if fused else "-"] for r in rs]
+        out.append((f"Training step (forward + backward + AdamW): {key[0]} "
+                    f"({rs[0]['arrays']} tensors, {rs[0]['n'] / 1e6:.3g}M params), {key[1]}, "
+                    f"{_thr(key[2])}",
+                    _table(["impl", "ms/step", "min-max", "speedup vs torch-fused"], rows)))
+    mem = [r for r in recs if r["scenario"] == "backward-memory"]
+    if mem:
+        rows = [[r["impl"], f"{r['extra_peak_mib']:.1f}", f"{r['grad_mib']:.1f}",
+                 f"{r['saved_mib']:.1f} ({r['saved_vs_grads']:.2f}x the gradients)"
+                 if "saved_mib" in r else "-"] for r in mem]
+        out.append((f"Peak memory of a training step above parameters + state (VmHWM, one "
+                    f"process per loop): {mem[0]['model']}",
+                    _table(["loop", "extra peak MiB", "gradients MiB", "saved"], rows)))
     # sparse
     sp = [r for r in recs if r["scenario"] == "sparse"]
     for key in sorted({tuple(r.get(k) for k in GROUP_KEYS["sparse"]) for r in sp},

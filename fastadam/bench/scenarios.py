@@ -3,7 +3,10 @@
 What: ``dense`` (one array), ``overhead`` (16 elements: the Python layer),
 ``many`` (model parameter shapes through the numpy API), ``torch`` (the
 ``fastadam.torch`` drop-ins vs ``torch.optim`` through ``opt.step()`` on model
-shapes, 148 small tensors, one tensor), ``sparse`` (embedding rows; options:
+shapes, 148 small tensors, one tensor), ``train`` (a whole training step of small
+``torch.nn`` models, incl. the step fused into backward) and ``backward-memory``
+(its peak memory vs the usual loop; both in :mod:`fastadam.bench.train`),
+``sparse`` (embedding rows; options:
 pre-merged ids, cycling batches, thread counts), ``torch-sparse`` (skip-gram
 SparseAdam and a mixed Embedding+MLP model at the torch level), ``isa``
 (the ISA modules side by side), ``threshold`` (serial vs 2-thread
@@ -41,6 +44,7 @@ from . import peers as P
 from . import precision as PR
 from . import q8 as _q8
 from . import timing
+from . import train as T
 from .machine import bound_for, note_bound
 from .q8 import PEERS as Q8_PEERS  # noqa: F401  (cli's --peers)
 
@@ -202,9 +206,9 @@ def overhead(run):
 # many arrays: real model parameter shapes
 # --------------------------------------------------------------------------
 
-def gpt2_small_shapes():
-    """GPT-2 small (124M): 148 parameter arrays, as in HF GPT2LMHeadModel (tied head)."""
-    d, v, ctx, L = 768, 50257, 1024, 12
+def gpt2_small_shapes(d=768, v=50257, ctx=1024, L=12):
+    """GPT-2 small (124M): 148 parameter arrays, as in HF GPT2LMHeadModel (tied head);
+    other widths ``d``, vocabularies ``v``, contexts ``ctx``, depths ``L`` alike."""
     shapes: list[tuple[int, ...]] = [(v, d), (ctx, d)]
     for _ in range(L):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
@@ -608,22 +612,32 @@ def _sparse_mode(run, mode, rows, dim, batch, zipf, dtype, t):
 # torch level: the drop-ins vs torch.optim through opt.step()
 # --------------------------------------------------------------------------
 
+def gpt2_w64_shapes():
+    """GPT-2's 148 parameter shapes at width 64 (vocab and context 1024): 0.73M params,
+    the per-tensor overhead at GPT-2's tensor count with a little arithmetic."""
+    return gpt2_small_shapes(d=64, v=1024, ctx=1024)
+
+
 TORCH_MODELS = {
+    "1x16": (lambda: [(16,)], "one tensor of 16 elements (the per-step cost)"),
     "148x16": (lambda: [(16,)] * 148, "148 tensors of 16 elements (GPT-2's count: overhead)"),
+    "gpt2-w64": (gpt2_w64_shapes, "GPT-2's 148 shapes at width 64: 0.73M params"),
     "1x2^20": (lambda: [(2**20,)], "one tensor of 2**20 elements"),
     "1x2^24": (lambda: [(2**24,)], "one tensor of 2**24 elements"),
     "gpt2-small": (gpt2_small_shapes, "GPT-2 small: 148 tensors, 124M params"),
     "bert-base": (bert_base_shapes, "BERT-base: 199 tensors, 110M params"),
     "tiny": (tiny_shapes, "10 tensors, ~0.1M params (smoke)"),
 }
-TORCH_PEERS = ("fastadam.torch", "torch-fused", "torch-foreach", "torch", "fastadam")
+TORCH_PEERS = ("fastadam.torch", "torch-fused", "torch-foreach", "torch", "deepspeed",
+               "fastadam.Adam", "fastadam")
 
 
 def torch_level(run):
-    """``fastadam.torch.AdamW`` vs ``torch.optim.AdamW`` (fused, foreach, single):
-    ``opt.step()`` over ``nn.Parameter`` views of the shared buffers, the whole
-    optimizer machinery included; ``fastadam`` (functional.adamw on the same
-    numpy buffers) shows what the drop-in adds."""
+    """``fastadam.torch.AdamW`` vs ``torch.optim.AdamW`` (fused, foreach, single) and
+    DeepSpeedCPUAdam: ``opt.step()`` over ``nn.Parameter`` views of the shared
+    buffers, the whole optimizer machinery included; ``fastadam.Adam`` (the numpy
+    class) and ``fastadam`` (functional.adamw) on the same numpy buffers show what
+    the drop-in adds."""
     P.fastadam_torch()  # a clear skip when torch is missing
     out = []
     names = [n for n in TORCH_PEERS if run.peers is None or n in run.peers]
@@ -1023,6 +1037,12 @@ SCENARIOS = {
     "sparse": (sparse, lambda run: len(run.sparse_configs) * len(run.dtypes_sparse)
                * len(run.threads), "embedding rows x dim x batch x Zipf exponent; pre-merged "
                "ids, --sparse-batches fixed,cycling, --threads 1,2"),
+    "train": (T.train_scenario, lambda run: len(run.train_models) * len(run.threads_many),
+              "whole training step (forward + backward + AdamW) of small torch.nn models: "
+              "fastadam.torch (usual loop, step_in_backward) vs torch fused/foreach/single"),
+    "backward-memory": (T.memory_scenario, lambda run: 2,
+                        "peak RSS of a training step: usual loop vs step_in_backward (one "
+                        "worker process each)"),
     "torch-sparse": (torch_sparse, lambda run: 2 * len(run.threads),
                      "torch level: skip-gram SparseAdam, mixed EmbeddingBag+MLP (one "
                      "fastadam.torch.Adam vs torch Adam(fused)+SparseAdam)"),

@@ -76,6 +76,33 @@ class GroupRecord:
                  "out_lo", "out_hi_max", "gbytes", "last_gptrs", "garr", "work", "views",
                  "hkey", "hval", "sparse", "sparse_params")
 
+    params: Any
+    n_params: Any
+    entries: Any
+    amsgrad: Any
+    pdt: Any
+    np_dtype: Any
+    single: Any
+    kernel: Any
+    tparams: Any
+    ptrs: Any
+    offsets: Any
+    negs: Any
+    bc2s: Any
+    sptrs: Any
+    s64: Any
+    out_lo: Any
+    out_hi_max: Any
+    gbytes: Any
+    last_gptrs: Any
+    garr: Any
+    work: Any
+    views: Any
+    hkey: Any
+    hval: Any
+    sparse: Any
+    sparse_params: Any
+
     def prepare(self, group, state_of, grad_scale, n_threads):
         """The group's step as a :class:`Prepared`, or None (use the checked path)."""
         params = group["params"]
@@ -94,7 +121,7 @@ class GroupRecord:
         if hv is None:
             return None
         args, flags, lr, b1, b2 = hv
-        calls = []
+        calls: list[Any] = []
         step = None
         if self.sptrs is not None:
             s = _runtime.common_step(self.sptrs, self.s64)
@@ -237,7 +264,7 @@ def build(gi, group, state_of, tparams, ps, sparse, dups) -> Optional[GroupRecor
         st = state_of[p]
         m, v, s = st["exp_avg"], st["exp_avg_sq"], st["step"]
         x = st["max_exp_avg_sq"] if amsgrad else None
-        sts = (m, v) if x is None else (m, v, x)
+        sts: Any = (m, v) if x is None else (m, v, x)
         if p.is_complex() or s.dtype not in V.STEP_DTYPES or any(t.dtype is not p.dtype
                                                                for t in sts):
             return None

@@ -18,6 +18,7 @@ the lock and the copy gets its own. Subclasses implement ``_step(closure)``.
 """
 import threading
 from itertools import chain
+from typing import Any
 
 import torch
 from torch.optim import optimizer as _O
@@ -31,6 +32,10 @@ class Stepper:
     """Mixin (before ``torch.optim.Optimizer`` in the bases): the ``step`` entry."""
 
     _lock: threading.RLock
+    # torch.optim.Optimizer's, found through the MRO
+    _optimizer_step_pre_hooks: Any
+    _optimizer_step_post_hooks: Any
+    _optimizer_step_code: Any
 
     def _init_lock(self):
         self._lock = threading.RLock()

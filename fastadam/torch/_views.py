@@ -92,6 +92,15 @@ def scalar_dtype():
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def run_closure(closure):
+    """The loss of ``closure()`` evaluated with grad enabled, or None (torch's
+    ``step(closure)`` protocol)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def num(x):
     """A hyperparameter (float or 1-element tensor) as a Python float."""
     if isinstance(x, torch.Tensor):

@@ -315,10 +315,7 @@ class Adam(Stepper, Optimizer):
         takes its recorded fast step (:mod:`fastadam.torch._fast`) while
         nothing changed; otherwise the checked path steps it and records it.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = V.run_closure(closure)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         gs_val = None if grad_scale is None else _num(grad_scale)

@@ -226,10 +226,7 @@ class Adam8bit(Optimizer):
         loss. Every group is checked and planned before any is written; with
         ``GradScaler``, ``found_inf`` skips the step and ``grad_scale`` divides
         the gradients inside the kernel."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = V.run_closure(closure)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         gathered = [self._gather(gi, g) for gi, g in enumerate(self.param_groups)]

@@ -104,10 +104,7 @@ class SparseAdam(Optimizer):
         Every parameter is validated before any is written: a rejected step
         changes no table, state value or ``step``.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = V.run_closure(closure)
         work = []
         cache = self._fa_views
         state_of = self.state

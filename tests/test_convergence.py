@@ -9,8 +9,7 @@ torch = pytest.importorskip("torch")
 
 from fastadam.bench import convergence as cv  # noqa: E402
 
-SHORT = cv.Shape(d_model=32, layers=1, heads=2, seq=32, batch=8, steps=30, eval_every=10,
-                 eval_batches=2, warmup=5)
+SHORT = cv.short_shape(steps=30)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ pytest.importorskip("ml_dtypes")
 
 from fastadam.bench import convergence as cv  # noqa: E402
 
-SHORT = cv.Shape(d_model=32, layers=1, heads=2, seq=32, batch=8, steps=20, eval_every=10,
-                 eval_batches=2, warmup=5)
+SHORT = cv.short_shape(steps=20)
 BF16_STATE_TOL = 0.01          # nats per character, |bf16 moments - float32| at the end
 
 

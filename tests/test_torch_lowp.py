@@ -181,3 +181,71 @@ def test_errors():
     with pytest.raises(TypeError, match="stochastic_rounding=True: no kernel"):
         opt.step()
     assert torch.equal(p.detach(), torch.zeros(4))
+
+
+def _np16(t):
+    """numpy copy of a torch tensor (bfloat16 as ml_dtypes.bfloat16)."""
+    import ml_dtypes
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
+    return t.numpy().copy()
+
+
+@pytest.mark.parametrize("which,pdt,sdt", [
+    (w, torch.bfloat16, None) for w in ("Adam", "AdamW", "SparseAdam")] + [
+    (w, torch.float32, "bfloat16") for w in ("Adam", "AdamW")],
+    ids=["Adam-bf16", "AdamW-bf16", "SparseAdam-bf16", "Adam-f32-bf16state",
+         "AdamW-f32-bf16state"])
+def test_sparse_16bit_tables_equal_the_numpy_sparse_step(pdt, sdt, which):
+    """bf16 embedding tables (bf16 state) and float32 tables with bf16 row state through
+    the sparse parameters of fastadam.torch.Adam/AdamW: bitwise the numpy sparse step on
+    the same rows (bf16 gradient rows widened to float32 exactly, as documented), over
+    the recorded fast step too; untouched rows never change."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 12, sparse=True).to(pdt)
+    from fastadam.torch import SparseAdam
+    decoupled = which == "AdamW"
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
+    if which == "SparseAdam":   # torch's state: the table's dtype
+        opt = SparseAdam(emb.parameters(), **kw)
+    else:
+        kw["weight_decay"] = 0.1
+        opt = (AdamW if decoupled else Adam)(emb.parameters(), state_dtype=sdt, **kw)
+    table = _np16(emb.weight)
+    m = v = None
+    touched = set()
+    for t in range(1, 6):
+        ids = torch.randint(0, 50, (20,))
+        touched |= set(ids.tolist())
+        opt.zero_grad()
+        (emb(ids).float() * torch.linspace(-1, 1, 12)).square().sum().backward()
+        g = emb.weight.grad
+        gid, rows = g._indices()[0].numpy().copy(), g._values().detach().float().numpy().copy()
+        opt.step()
+        st = opt.state[emb.weight]
+        if m is None:
+            m, v = np.zeros_like(_np16(st["exp_avg"])), np.zeros_like(_np16(st["exp_avg_sq"]))
+        fa.sparse_adam_step(table, gid, rows, m, v, step=t, decoupled_weight_decay=decoupled,
+                            **kw)
+        assert st["exp_avg"].dtype == (torch.bfloat16 if sdt else pdt)
+        for ours, ref in ((emb.weight, table), (st["exp_avg"], m), (st["exp_avg_sq"], v)):
+            assert np.array_equal(_np16(ours).view(np.uint8), ref.view(np.uint8)), t
+    rest = sorted(set(range(50)) - touched)
+    torch.manual_seed(0)
+    w0 = torch.nn.Embedding(50, 12, sparse=True).to(pdt).weight
+    assert _same(emb.weight[rest], w0[rest])
+
+
+def test_sparse_float16_table_refused_before_any_write():
+    emb = torch.nn.Embedding(10, 4, sparse=True).to(torch.float16)
+    lin = torch.nn.Linear(4, 1)
+    opt = Adam(list(emb.parameters()) + list(lin.parameters()), lr=0.1)
+    lin(emb(torch.tensor([1, 2])).float()).sum().backward()
+    before = [p.detach().clone() for p in (emb.weight, lin.weight, lin.bias)]
+    with pytest.raises(TypeError, match="parameter 0 of param group 0 is float16 with a "
+                                        "sparse gradient"):
+        opt.step()
+    assert all(_same(a, b) for a, b in zip(before, (emb.weight, lin.weight, lin.bias)))
+    assert all(len(opt.state[p]) == 0 or int(opt.state[p]["step"]) == 0
+               for p in (emb.weight, lin.weight, lin.bias))

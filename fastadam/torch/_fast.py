@@ -220,6 +220,7 @@ class GroupRecord:
                      n_threads):
         """The checked path's sparse step for one parameter (row ids validated)."""
         _, ids, vals = V.sparse_operands("Adam", p, g, where)
+        vals = V.grad_rows(vals)
         if grad_scale is not None:
             vals = vals / grad_scale
         return plan_sparse_adam(
@@ -282,8 +283,8 @@ def build(gi, group, state_of, tparams, ps, sparse, dups) -> Optional[GroupRecor
             table = V.np_view(p).reshape(rows, -1)
             shape = table.shape
             rec.sparse.append((p, f"parameter {i} of param group {gi}", s.numpy(), table,
-                               m.numpy().reshape(shape), v.numpy().reshape(shape),
-                               None if x is None else x.numpy().reshape(shape)))
+                               V.np_view(m).reshape(shape), V.np_view(v).reshape(shape),
+                               None if x is None else V.np_view(x).reshape(shape)))
             rec.sparse_params.append(p)
     rec.entries = tuple(entries)
     rec.tparams = list(tparams)

@@ -217,6 +217,15 @@ def np_view(t):
     return t.numpy()
 
 
+def grad_rows(vals):
+    """The rows of a sparse gradient as the sparse kernels take them: 16-bit rows
+    widened to float32 (the kernels of 16-bit tables take float32 gradient rows; an
+    O(nnz) copy, exact, made before any unscaling), other dtypes as they are."""
+    if vals.dtype in (torch.bfloat16, torch.float16):
+        return vals.detach().float()
+    return vals
+
+
 def flat_np_view(t):
     """Zero-copy 1-D numpy view, in memory order, of a dense (permuted) tensor."""
     return np_view(t.detach().as_strided((t.numel(),), (1,)))
@@ -281,6 +290,9 @@ def sparse_operands(cls, p, g, where):
     if g.dtype != p.dtype:
         raise TypeError(f"{cls}: the sparse gradient of {where} has dtype {g.dtype}, the "
                         f"parameter has {p.dtype}")
+    if p.dtype == torch.float16:
+        raise TypeError(f"{cls}: {where} is float16 with a sparse gradient; sparse tables "
+                        "are float32, float64 or bfloat16 (float16 is dense-only)")
     if p.is_complex():
         raise TypeError(f"{cls}: sparse gradients of complex parameters are not supported "
                         f"({where})")

@@ -209,7 +209,8 @@ class Adam(Stepper, Optimizer):
             step_view = V.step_view(state, where)   # converts an int/float step to a tensor
             if g.is_sparse:
                 ops = V.sparse_operands(cls, p, g, where)
-                V.check_state(cls, state, keys, p, where)
+                V.check_state(cls, state, keys, p, where, "",
+                              V.state_dtype(p, group.get("state_dtype")))
                 for k in keys:
                     V.as_state_layout(state, k, p, "contiguous")
                 sparse.append((p, state, step_view, ops))
@@ -287,17 +288,18 @@ class Adam(Stepper, Optimizer):
                     stochastic_rounding=group.get("stochastic_rounding", False),
                     seed=_plan.array_seed(group.get("seed", 0), 2**32 + gi))
             for _p, state, sv, (table, ids, vals) in sparse:
+                vals = V.grad_rows(vals)
                 if gs_val is not None:
                     vals = vals / gs_val
                 shape = table.shape
                 plan += plan_sparse_adam(
-                    table.numpy(), ids.numpy(), vals.detach().numpy(),
-                    state["exp_avg"].view(shape).numpy(),
-                    state["exp_avg_sq"].view(shape).numpy(),
+                    V.np_view(table), ids.numpy(), vals.detach().numpy(),
+                    V.np_view(state["exp_avg"].view(shape)),
+                    V.np_view(state["exp_avg_sq"].view(shape)),
                     step=int(sv) + 1, lr=lr, betas=betas, eps=group["eps"],
                     weight_decay=group["weight_decay"],
                     decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad,
-                    max_exp_avg_sq=state["max_exp_avg_sq"].view(shape).numpy() if amsgrad
+                    max_exp_avg_sq=V.np_view(state["max_exp_avg_sq"].view(shape)) if amsgrad
                     else None,
                     maximize=group["maximize"], n_threads=n_threads)
             finish.append((states, steps, tparams, copy_back, sparse))

@@ -21,13 +21,15 @@ from .._validate import check_state_step
 from ..functional import plan_sparse_adam, sparse_adam_step
 from . import _views as V
 from ._state import load_checked
+from ._stepper import Stepper
 
 __all__ = ["SparseAdam"]
 
 _num = V.num
+_BF16 = torch.bfloat16
 
 
-class SparseAdam(Optimizer):
+class SparseAdam(Stepper, Optimizer):
     r"""Drop-in for ``torch.optim.SparseAdam`` on fastadam's sparse kernel.
 
     Same arguments, defaults, errors and state (``step`` an int, ``exp_avg``,
@@ -43,6 +45,7 @@ class SparseAdam(Optimizer):
                  n_threads=None):
         V.check_torch_hyper(lr, betas, eps, strict=True)
         self.n_threads = _threads.check(n_threads)
+        self._init_lock()
         self._fa_views = {}
         self._fa_dups = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
@@ -85,6 +88,7 @@ class SparseAdam(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("n_threads", None)
+        self._init_lock()
         self._fa_views = {}
         self._fa_dups = {}
 
@@ -95,14 +99,18 @@ class SparseAdam(Optimizer):
         hyperparameters, state keys, ``step``, each state tensor's shape, dtype
         kind and device) is checked before anything changes: a rejected dict
         raises naming the problem and leaves the optimizer as it was."""
-        load_checked(self, super().load_state_dict, state_dict, sparse=True)
+        with self._lock:
+            load_checked(self, super().load_state_dict, state_dict, sparse=True)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step (optionally re-evaluating ``closure``).
+    def _step(self, closure=None):
+        """The step (``step()`` adds torch's hooks and the lock, see
+        :class:`fastadam.torch._stepper.Stepper`: threads sharing the optimizer
+        serialise).
 
         Every parameter is validated before any is written: a rejected step
-        changes no table, state value or ``step``.
+        changes no table, state value or ``step``. bfloat16 tables (bfloat16
+        state) take their gradient rows widened to float32 (exact; O(nnz)).
         """
         loss = V.run_closure(closure)
         work = []
@@ -128,7 +136,9 @@ class SparseAdam(Optimizer):
                         ix = g._indices()
                         vals = g._values()
                         if ix.is_contiguous() and vals.is_contiguous():
-                            vn = (vals.detach() if vals.requires_grad else vals).numpy()
+                            if vals.requires_grad:
+                                vals = vals.detach()
+                            vn = (vals.float() if c.dtype is _BF16 else vals).numpy()
                             vn = vn.reshape(vn.shape[0], c.table_np.shape[1])
                             if type(state["step"]) is not int:
                                 _int_step(state, gi, i)
@@ -158,9 +168,9 @@ class SparseAdam(Optimizer):
                         if t.shape != p.shape:
                             raise ValueError(f"SparseAdam: state '{k}' of {where} has shape "
                                              f"{tuple(t.shape)}, expected {tuple(p.shape)}")
-                views = (table.numpy(), ids.numpy(), vals.detach().numpy(),
-                         state["exp_avg"].view(table.shape).numpy(),
-                         state["exp_avg_sq"].view(table.shape).numpy())
+                views = (V.np_view(table), ids.numpy(), V.grad_rows(vals).detach().numpy(),
+                         V.np_view(state["exp_avg"].view(table.shape)),
+                         V.np_view(state["exp_avg_sq"].view(table.shape)))
                 if g.sparse_dim() == 1:
                     cache[p] = V.SViews(state["exp_avg"], state["exp_avg_sq"], p.data_ptr(),
                                        p.dtype, p.shape, views[0], views[3], views[4],

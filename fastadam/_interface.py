@@ -193,6 +193,23 @@ SIGNATURES.update({
                       "qtables"),
 })
 
+# 8-bit row state for embedding tables (the sparse path, issue 13): each row of
+# ``dim`` elements is split into ceil(dim / Q8_BLOCK) blocks of its own (a
+# block never spans two rows), ``exp_avg``/``exp_avg_sq`` uint8 codes of the
+# table's shape, ``exp_avg_absmax``/``exp_avg_sq_absmax`` float32 of shape
+# (n_rows, ceil(dim / Q8_BLOCK)). A combination of its own table (the dense
+# Q8_COMBOS entries are not compiled for the sparse op): (table, grad rows,
+# "uint8"); each needs the float32-state sparse combination of the same
+# table/grad dtypes in COMBOS, whose row update the kernel runs per block.
+SPARSE_Q8_OPS = ("sparse_adam_q8",)
+SPARSE_Q8_COMBOS = {
+    "32": ("float32", "float32", "uint8"),
+}
+KERNELS.update({(op,) + combo: f"{op}_{sfx}" for op in SPARSE_Q8_OPS
+                for sfx, combo in SPARSE_Q8_COMBOS.items()})   # sparse_adam_q8_32
+SIGNATURES["sparse_adam_q8"] = ("table", "indices", "grad_rows", "exp_avg", "exp_avg_sq",
+                                "exp_avg_absmax", "exp_avg_sq_absmax", "row_step", "qtables")
+
 SCALAR_NAMES = tuple(name for name, _ in SCALARS)
 FLAG_BITS = {name: bit for name, bit, _ in FLAGS}
 
@@ -288,5 +305,21 @@ def q8_combos():
                              f"combination ({p}, {g}, float32) in COMBOS")
         out.append((sfx, DTYPES[p][0], DTYPES[g][0], dense[0]))
     return out
+
+
+def sparse_q8_combos():
+    """For the templates: ``(sfx, TP, TG, sparse)`` per 8-bit row-state
+    combination; ``sparse`` is the suffix of the float32-state sparse
+    combination of the same table and grad dtypes, whose row function the
+    kernel runs on each dequantised block."""
+    out = []
+    for sfx, (p, g, _) in SPARSE_Q8_COMBOS.items():
+        dense = [d for d, combo in COMBOS.items() if combo == (p, g, "float32")]
+        if not dense:
+            raise ValueError(f"8-bit sparse combination {sfx} ({p}, {g}) needs the "
+                             f"combination ({p}, {g}, float32) in COMBOS")
+        out.append((sfx, DTYPES[p][0], DTYPES[g][0], dense[0]))
+    return out
+
 
 assert SCALAR_NAMES[-len(STEP_SCALARS):] == STEP_SCALARS, "step scalars come last"

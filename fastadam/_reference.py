@@ -342,3 +342,48 @@ def adamw8bit(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absma
               weight_decay=1e-2, **kw):
     adam8bit(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, step=step,
              weight_decay=weight_decay, decoupled_weight_decay=True, **kw)
+
+
+def _row_blocks(x):
+    """``(k, dim)`` rows zero-padded to whole blocks: ``(k, nb * BLOCK)``."""
+    from . import _quant as Q
+    k, dim = x.shape
+    out = np.zeros((k, Q.n_blocks(dim) * Q.BLOCK), np.float32)
+    out[:, :dim] = x
+    return out
+
+
+def quantize_rows(x, signed=True):
+    """8-bit row state of float32 rows ``x`` (k, dim): each row in blocks of
+    its own (:func:`fastadam._quant.quantize` on the rows padded to whole
+    blocks; zero padding changes no absmax). Returns ``(codes (k, dim),
+    absmax (k, ceil(dim / 256)))``."""
+    from . import _quant as Q
+    k, dim = x.shape
+    codes, absmax = Q.quantize(_row_blocks(x), signed=signed)
+    return codes[:, :dim], absmax.reshape(k, Q.n_blocks(dim))
+
+
+def dequantize_rows(codes, absmax, signed=True):
+    """``fl(map[code] * absmax of its row's block)`` of 8-bit row state."""
+    from . import _quant as Q
+    k, dim = codes.shape
+    blk = np.arange(dim) // Q.BLOCK
+    a = np.asarray(absmax, np.float32).reshape(k, -1)
+    return (Q.dynamic_map(signed)[codes] * a[:, blk]).astype(np.float32)
+
+
+def sparse_adam8bit(table, indices, grad_rows, exp_avg, exp_avg_sq, exp_avg_absmax,
+                    exp_avg_sq_absmax, *, step=None, row_step=None, **kw):
+    """Sparse step with 8-bit row state, in place: the touched rows' m and v
+    dequantised (:func:`dequantize_rows`), :func:`sparse_adam` on them, then
+    requantised per block of each row (:func:`quantize_rows`). Untouched rows
+    and their state are not written."""
+    ids = np.unique(np.asarray(indices, np.int64))
+    if ids.size == 0:
+        return
+    m = dequantize_rows(exp_avg, exp_avg_absmax, signed=True)
+    v = dequantize_rows(exp_avg_sq, exp_avg_sq_absmax, signed=False)
+    sparse_adam(table, indices, grad_rows, m, v, step=step, row_step=row_step, **kw)
+    exp_avg[ids], exp_avg_absmax[ids] = quantize_rows(m[ids], signed=True)
+    exp_avg_sq[ids], exp_avg_sq_absmax[ids] = quantize_rows(v[ids], signed=False)

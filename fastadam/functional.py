@@ -38,7 +38,8 @@ __all__ = ["adam_step", "adamw_step", "adam", "adamw", "sparse_adam_step", "grad
            "plan_adam", "plan_sparse_adam", "run", "CatchUpHistory", "sparse_adam_catchup_step",
            "sparse_adam_catch_up",
            "adam8bit_step", "adamw8bit_step",
-           "adam8bit", "adamw8bit", "plan_adam8bit", "new_state8bit"]
+           "adam8bit", "adamw8bit", "plan_adam8bit", "new_state8bit",
+           "sparse_adam8bit_step", "plan_sparse_adam8bit", "new_sparse_state8bit"]
 
 Array = npt.NDArray[Any]
 Real = Union[float, int]
@@ -1343,3 +1344,220 @@ def plan_adam8bit(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Seq
                               neg_steps, bc2s, tables, _plan.with_step(args, 0.0, 1.0), flags,
                               nt)))
     return plan
+
+
+# ------------------------------------------- sparse, 8-bit row state (issue 13)
+
+_SQ8_NAMES = ("table", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax",
+              "row_step")
+
+
+def new_sparse_state8bit(shape: tuple[int, int]) -> dict[str, Array]:
+    """Fresh 8-bit **row** state for an embedding table of ``shape`` ``(n_rows,
+    dim)``: the four buffers :func:`sparse_adam8bit_step` takes, all zero.
+
+    Each row is split into ``nb = ceil(dim / 256)`` blocks of its own (a block
+    never spans two rows). ``exp_avg`` (uint8 codes of the signed map: 127 is
+    0.0, as in :func:`new_state8bit`) and ``exp_avg_sq`` (unsigned map: 0 is
+    0.0) have the table's shape; ``exp_avg_absmax`` and ``exp_avg_sq_absmax``
+    (float32) shape ``(n_rows, nb)``, all 0. ``exp_avg_sq`` and the scales
+    are ``np.zeros`` (pages materialised when touched); ``exp_avg`` is
+    written (code 127).
+
+    Examples
+    --------
+    >>> import fastadam as fa
+    >>> st = fa.functional.new_sparse_state8bit((1000, 64))
+    >>> st["exp_avg"].shape, st["exp_avg_absmax"].shape
+    ((1000, 64), (1000, 1))
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2 or min(shape) < 0:
+        raise ValueError(f"shape must be (n_rows, dim) with both >= 0, got {shape}")
+    n_rows, dim = shape
+    nb = (n_rows, _quant.n_blocks(dim))
+    return {"exp_avg": np.full(shape, _quant.SIGNED_ZERO, np.uint8),
+            "exp_avg_sq": np.zeros(shape, np.uint8),
+            "exp_avg_absmax": np.zeros(nb, np.float32),
+            "exp_avg_sq_absmax": np.zeros(nb, np.float32)}
+
+
+def _check_sparse_q8_state(names, bufs, table_shape):
+    """The four 8-bit row-state buffers of a table of ``table_shape``: uint8
+    codes of its shape, float32 scales of ``(n_rows, ceil(dim / 256))``;
+    C-contiguous, aligned, writable."""
+    n_rows, dim = table_shape
+    nb = (n_rows, _quant.n_blocks(dim))
+    for name, a, dt, shape in zip(names, bufs, (_U8, _U8, F32, F32),
+                                  (table_shape, table_shape, nb, nb)):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray of {dt}, got {describe(a)}")
+        if a.dtype != dt or not a.dtype.isnative:
+            raise TypeError(f"{name} must have dtype {dt} (8-bit row state: uint8 codes, "
+                            f"float32 absmax per block of {_quant.BLOCK} of each row), got "
+                            f"{a.dtype}")
+        if a.shape != shape:
+            what = "the table's shape" if shape == table_shape else \
+                f"(n_rows, ceil(dim / {_quant.BLOCK})): one value per block of each row"
+            raise ValueError(f"{name} must have shape {shape} ({what}), got {a.shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous, got strides {a.strides}")
+        if not a.flags.aligned:
+            raise ValueError(f"{name} is not aligned; copy it into a fresh array")
+        if not a.flags.writeable:
+            raise ValueError(f"{name} is read-only; it is updated in place and must be writable")
+
+
+def sparse_adam8bit_step(table: Array, indices: Array, grad_rows: Array, exp_avg: Array,
+                         exp_avg_sq: Array, exp_avg_absmax: Array, exp_avg_sq_absmax: Array,
+                         *, step: Optional[int] = None, lr: Real = 1e-3,
+                         betas: Betas = (0.9, 0.999), eps: Real = 1e-8,
+                         weight_decay: Real = 0.0, decoupled_weight_decay: bool = False,
+                         maximize: bool = False, row_step: Optional[Array] = None,
+                         n_threads: Optional[int] = None) -> None:
+    """One sparse ("lazy") Adam step of the touched rows of ``table`` with 8-bit
+    row state, in place.
+
+    :func:`sparse_adam_step` (torch ``SparseAdam``'s arithmetic, duplicates
+    summed in batch order, untouched rows and their state bit-identical) with
+    the moments held as 8-bit codes and one float32 scale per block of 256
+    elements of each row (:func:`new_sparse_state8bit` makes the state).
+
+    Parameters
+    ----------
+    table : ndarray of float32, shape (n_rows, dim)
+        C-contiguous, writable (``np.memmap`` works).
+    indices : ndarray, shape (k,)
+        Row ids in ``[0, n_rows)``, any order, duplicates allowed.
+    grad_rows : ndarray of float32, shape (k, dim)
+        The gradient row of each id (16-bit rows are widened to float32 first).
+    exp_avg, exp_avg_sq : ndarray of uint8, shape (n_rows, dim)
+        The moments as codes into the signed (``exp_avg``) and unsigned
+        (``exp_avg_sq``) dynamic maps. Updated in place on touched rows.
+    exp_avg_absmax, exp_avg_sq_absmax : ndarray of float32, shape (n_rows, ceil(dim / 256))
+        Row r's block b scales elements ``[256 b, min(256 (b + 1), dim))`` of
+        row r. Updated in place on touched rows.
+    step, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize, row_step, n_threads
+        As :func:`sparse_adam_step` (there is no ``amsgrad`` and no row-wise
+        second moment with 8-bit state).
+
+    Raises
+    ------
+    TypeError, ValueError, IndexError
+        As :func:`sparse_adam_step`; every check (ids included) runs before
+        anything is written.
+
+    Notes
+    -----
+    Per touched row and per block of it, in one pass: m and v dequantised
+    (``fl(map[code] * absmax)``), the float32 sparse update (g the batch-order
+    sum of the row's gradient rows; no fma)::
+
+        g = -g                                  if maximize
+        p = p * fl(1 - lr*wd)                   if decoupled weight decay
+        g = g + p * fl(wd)                      if L2 weight decay
+        m = m + (g - m) * fl(1 - b1)
+        v = v + (g*g - v) * fl(1 - b2)
+        p = p + fl(-lr*sqrt(bc2)/bc1) * (m / (sqrt(v) + fl(eps)))
+
+    -- the float32-state kernel's, so the result is :func:`sparse_adam_step`'s
+    on the dequantised state -- then the block's new absmax of m and v and m,
+    v requantised to the exact nearest code (docs: "8-bit optimizer state").
+    Bitwise identical for every thread count and ISA module.
+
+    Examples
+    --------
+    >>> import numpy as np, fastadam as fa
+    >>> table = np.ones((10, 64), np.float32)
+    >>> st = fa.functional.new_sparse_state8bit(table.shape)
+    >>> ids = np.array([3, 7, 3]); g = np.full((3, 64), 0.5, np.float32)
+    >>> fa.functional.sparse_adam8bit_step(table, ids, g, **st, step=1, lr=0.1)
+    >>> float(table[3, 0]), float(table[0, 0]), int(st["exp_avg"][3, 0])
+    (0.8999999761581421, 1.0, 255)
+    >>> float(st["exp_avg_absmax"][3, 0])                # (1 - 0.9) * (0.5 + 0.5)
+    0.10000000149011612
+    """
+    run(_plan_sparse8bit(table, indices, grad_rows, exp_avg, exp_avg_sq, exp_avg_absmax,
+                         exp_avg_sq_absmax, step, lr, betas, eps, weight_decay,
+                         decoupled_weight_decay, maximize, row_step, n_threads))
+
+
+def plan_sparse_adam8bit(table: Array, indices: Array, grad_rows: Array, exp_avg: Array,
+                         exp_avg_sq: Array, exp_avg_absmax: Array, exp_avg_sq_absmax: Array,
+                         *, step: Optional[int] = None, lr: Real = 1e-3,
+                         betas: Betas = (0.9, 0.999), eps: Real = 1e-8,
+                         weight_decay: Real = 0.0, decoupled_weight_decay: bool = False,
+                         maximize: bool = False, row_step: Optional[Array] = None,
+                         n_threads: Optional[int] = None) -> Plan:
+    """Validate a :func:`sparse_adam8bit_step` call completely (row ids and
+    per-row counts included) and return its plan without writing anything
+    (run it with :func:`run`); as :func:`plan_sparse_adam`."""
+    plan = _plan_sparse8bit(table, indices, grad_rows, exp_avg, exp_avg_sq, exp_avg_absmax,
+                            exp_avg_sq_absmax, step, lr, betas, eps, weight_decay,
+                            decoupled_weight_decay, maximize, row_step, n_threads)
+    if not plan:
+        return plan
+    _, (_, (table, ids, _, _, _, _, _, rs, _, _, _, _)) = plan[0]
+    n_rows = table.shape[0]
+    if int(ids.min()) < 0 or int(ids.max()) >= n_rows:
+        raise id_out_of_range(ids, int(np.flatnonzero((ids < 0) | (ids >= n_rows))[0]), n_rows)
+    if rs is not None:
+        c = rs[ids]
+        neg = np.flatnonzero((c < 0) | (c == np.iinfo(np.int64).max))
+        if neg.size:
+            raise negative_row_step(ids, int(neg[0]), rs)
+    return plan
+
+
+def _run_sparse8bit(kernel, args):
+    """Run one planned 8-bit sparse kernel call; turn its status into the error."""
+    status, pos, _ = kernel(*args)
+    if status == 0:
+        return
+    table, indices, row_step = args[0], args[1], args[7]
+    if status == _SPARSE_BAD_ID:
+        raise id_out_of_range(indices, pos, table.shape[0])
+    raise negative_row_step(indices, pos, row_step)
+
+
+def _plan_sparse8bit(table, indices, grad_rows, exp_avg, exp_avg_sq, exp_avg_absmax,
+                     exp_avg_sq_absmax, step, lr, betas, eps, weight_decay,
+                     decoupled_weight_decay, maximize, row_step, n_threads):
+    """Every check of :func:`sparse_adam8bit_step` but the ids' range (the
+    kernel's merge checks it before writing); the plan (empty for an empty batch)."""
+    _check_flags(decoupled_weight_decay, False, maximize)
+    pdt = check_buffer("table", table)
+    if table.ndim != 2:
+        raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
+    n_rows, dim = table.shape
+    indices = _check_indices(indices, n_rows)
+    k = indices.shape[0]
+    if isinstance(grad_rows, np.ndarray) and grad_rows.dtype in _ROWS16:
+        grad_rows = grad_rows.astype(np.float32)   # summed in float32 (a batch-sized copy)
+    gdt = check_buffer("grad_rows", grad_rows, writable=False)
+    if grad_rows.shape != (k, dim):
+        raise ValueError(f"grad_rows must have shape (len(indices), dim) = ({k}, {dim}), "
+                         f"got {grad_rows.shape}")
+    kernel = _kernels().get("sparse_adam_q8", pdt, gdt, _U8, ("table", "grad_rows", "exp_avg"))
+    state = (exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax)
+    _check_sparse_q8_state(_SQ8_NAMES[1:5], state, table.shape)
+    if row_step is not None:
+        check_row_step(row_step, n_rows)
+    outs = (table,) + state + (row_step,)
+    no_overlap(_SQ8_NAMES + ("grad_rows",), outs + (grad_rows,), "the inputs")
+    no_overlap(_SQ8_NAMES + ("indices",), outs + (indices,), "the inputs")
+    if step is None:
+        if row_step is None:
+            raise TypeError("sparse_adam8bit_step() needs step= (the 1-based count of the "
+                            "update being applied) unless row_step is given")
+    else:
+        step = check_step(step)
+    lr, b1, b2, eps, wd = check_hyper(lr, betas, eps, weight_decay)
+    nt = _threads.resolve(n_threads, k * dim, _threads.SPARSE_SERIAL_THRESHOLD)
+    if k == 0:
+        return []
+    args, flags = _plan.hyper_args(lr, b1, b2, eps, wd, decoupled_weight_decay, maximize, None)
+    neg_step_size = 0.0 if step is None else _plan.sparse_neg_step_size(step, lr, b1, b2)
+    args = _plan.with_step(args, neg_step_size)
+    return [(_run_sparse8bit, (kernel, (table, indices, grad_rows) + state
+                               + (row_step, _quant.tables(), args, flags, nt)))]

@@ -1473,7 +1473,7 @@ def sparse_adam8bit_step(table: Array, indices: Array, grad_rows: Array, exp_avg
     >>> ids = np.array([3, 7, 3]); g = np.full((3, 64), 0.5, np.float32)
     >>> fa.functional.sparse_adam8bit_step(table, ids, g, **st, step=1, lr=0.1)
     >>> float(table[3, 0]), float(table[0, 0]), int(st["exp_avg"][3, 0])
-    (0.8999999761581421, 1.0, 255)
+    (0.9000000357627869, 1.0, 255)
     >>> float(st["exp_avg_absmax"][3, 0])                # (1 - 0.9) * (0.5 + 0.5)
     0.10000000149011612
     """

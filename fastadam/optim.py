@@ -698,6 +698,17 @@ class SparseAdam(_Locked):
         tables larger than RAM); they are used in place. Otherwise they are
         created, zeroed, on the first step (``np.zeros``: pages are only
         materialised when touched).
+    state_dtype : dtype or str, optional
+        ``"q8"``: 8-bit **row** state for a float32 table of 4096+ elements
+        (:func:`fastadam.functional.sparse_adam8bit_step`: ``exp_avg`` /
+        ``exp_avg_sq`` uint8 codes of the table's shape, ``exp_avg_absmax``
+        / ``exp_avg_sq_absmax`` float32 ``(n_rows, ceil(dim / 256))``: each
+        row in blocks of its own); smaller tables keep float32 state. Not with
+        ``amsgrad``, ``rowwise`` or ``dense_equivalent``. Another dtype
+        (e.g. ``"bf16"``) sets the dtype of the state rows.
+    exp_avg_absmax, exp_avg_sq_absmax : ndarray, optional
+        With ``state_dtype="q8"``: your own block-scale buffers (with your
+        own uint8 ``exp_avg`` / ``exp_avg_sq``), used in place.
     n_threads : int, optional
         Threads per step (``None``: resolve at call time).
 
@@ -737,7 +748,9 @@ class SparseAdam(_Locked):
                  dense_equivalent: bool = False,
                  exp_avg: Optional[Array] = None, exp_avg_sq: Optional[Array] = None,
                  max_exp_avg_sq: Optional[Array] = None, row_step: Optional[Array] = None,
-                 n_threads: Optional[int] = None, state_dtype: Any = None) -> None:
+                 n_threads: Optional[int] = None, state_dtype: Any = None,
+                 exp_avg_absmax: Optional[Array] = None,
+                 exp_avg_sq_absmax: Optional[Array] = None) -> None:
         check_buffer("table", table)
         if table.ndim != 2:
             raise ValueError(f"table must be 2-D (n_rows, dim), got shape {table.shape}")
@@ -759,12 +772,14 @@ class SparseAdam(_Locked):
         if state_dtype is not None:      # e.g. "bf16" rows of state (a group key when set)
             group["state_dtype"] = _plan.state_dtype_name(state_dtype)
             _plan.state_dtype(table.dtype, group["state_dtype"], op="sparse_adam")
+            _check_sparse_q8_group(group)
         self._hist: Optional[F.CatchUpHistory] = None
         self._hist_view: Any = None
         self.param_groups = [group]
         self.state = {}
         supplied = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
-                    "max_exp_avg_sq": max_exp_avg_sq, "row_step": row_step}
+                    "max_exp_avg_sq": max_exp_avg_sq, "row_step": row_step,
+                    "exp_avg_absmax": exp_avg_absmax, "exp_avg_sq_absmax": exp_avg_sq_absmax}
         if any(b is not None for b in supplied.values()):
             st = self._new_state()
             for key, buf in supplied.items():
@@ -784,11 +799,24 @@ class SparseAdam(_Locked):
         t = self.table
         return (t.shape[0],) if self.param_groups[0]["rowwise"] else t.shape
 
+    def _q8(self, group=None):
+        """Whether the table gets 8-bit row state (``state_dtype='q8'``, 4096+ elements)."""
+        g = self.param_groups[0] if group is None else group
+        t = self.table
+        return _plan.state_format(t.dtype, t.size, g.get("state_dtype"),
+                                  op="sparse_adam") is _plan.Q8
+
     def _new_state(self):
         g = self.param_groups[0]
         t = self.table
-        st = new_state(t.shape, _plan.state_dtype(t.dtype, g.get("state_dtype"),
-                                                  op="sparse_adam"), g["amsgrad"],
+        if self._q8():
+            st = {"step": 0, **F.new_sparse_state8bit(t.shape)}
+            if g["per_row_step"]:
+                st["row_step"] = np.zeros(t.shape[0], np.int64)
+            return st
+        # a table under 4096 elements in a 'q8' group keeps float state of its dtype
+        st = new_state(t.shape, _plan.state_format(t.dtype, 0, g.get("state_dtype"),
+                                                   op="sparse_adam"), g["amsgrad"],
                        self._vshape())
         if g["per_row_step"]:
             st["row_step"] = np.zeros(t.shape[0], np.int64)
@@ -811,6 +839,13 @@ class SparseAdam(_Locked):
 
     def _check_state(self, st):
         t = self.table
+        if "exp_avg_absmax" in st:
+            F._check_sparse_q8_state(("exp_avg", "exp_avg_sq") + _Q8_KEYS,
+                                     [st[k] for k in ("exp_avg", "exp_avg_sq") + _Q8_KEYS],
+                                     t.shape)
+            if "row_step" in st:
+                F.check_row_step(st["row_step"], t.shape[0])
+            return
         sdt = check_buffer("exp_avg", st["exp_avg"])
         _plan.KERNELS.get("sparse_adam", t.dtype, t.dtype, sdt, ("table", "grad", "exp_avg"))
         if st["exp_avg"].shape != t.shape:
@@ -851,6 +886,16 @@ class SparseAdam(_Locked):
                     h.truncate(t - 1)
                     raise
                 st["lr_history"] = self._hist_view = h.lrs
+                st["step"] = t
+                self.state = st
+                return
+            if "exp_avg_absmax" in st:
+                F.sparse_adam8bit_step(
+                    self.table, indices, grad_rows, st["exp_avg"], st["exp_avg_sq"],
+                    st["exp_avg_absmax"], st["exp_avg_sq_absmax"], step=t, lr=g["lr"],
+                    betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
+                    decoupled_weight_decay=g["decoupled_weight_decay"], maximize=g["maximize"],
+                    row_step=st.get("row_step"), n_threads=self.n_threads)
                 st["step"] = t
                 self.state = st
                 return
@@ -971,7 +1016,14 @@ class SparseAdam(_Locked):
         if not isinstance(src, dict):
             raise TypeError(f"state {pid!r} must be a dict, got {type(src).__name__}")
         step = check_state_step(src.get("step", 0), "state 'step'")
-        need = ["exp_avg", "exp_avg_sq"]
+        if new_group.get("state_dtype") == _plan.Q8:
+            _check_sparse_q8_group(new_group)
+        q8 = self._q8(new_group)
+        if not q8 and any(k in src for k in _Q8_KEYS):
+            raise ValueError(f"state dict has 8-bit row state ({', '.join(_Q8_KEYS)}) but the "
+                             "param group's state_dtype is not 'q8' (or the table is under "
+                             f"{F._quant.MIN_SIZE} elements)")
+        need = ["exp_avg", "exp_avg_sq"] + (list(_Q8_KEYS) if q8 else [])
         if new_group["amsgrad"]:
             need.append("max_exp_avg_sq")
         if new_group["per_row_step"]:
@@ -984,7 +1036,8 @@ class SparseAdam(_Locked):
             raise ValueError(f"state dict has keys {unknown} that the options do not use")
         n_rows = self.table.shape[0]
         vshape = (n_rows,) if new_group["rowwise"] else self.table.shape
-        sdt = _plan.state_dtype(self.table.dtype, new_group.get("state_dtype"), op="sparse_adam")
+        sdt = _plan.state_format(self.table.dtype, 0, new_group.get("state_dtype"),
+                                 op="sparse_adam")
         ns: dict[str, Any] = {"step": step}
         fresh = {}
         for key in need:          # validate (and convert) everything before copying anything
@@ -997,6 +1050,8 @@ class SparseAdam(_Locked):
                 if key == "last_step" and ns[key].size and int(ns[key].max()) > step:
                     raise ValueError(f"state 'last_step' has values above the state's step "
                                      f"{step}")
+            elif q8 and key in ("exp_avg", "exp_avg_sq") + _Q8_KEYS:
+                ns[key] = _q8_row_array(f"state '{key}'", src[key], self.table.shape, key)
             elif key == "lr_history":
                 ns[key] = _state_array("state 'lr_history'", src[key], (step,), np.float64,
                                        copy=False)
@@ -1011,6 +1066,39 @@ class SparseAdam(_Locked):
             fresh[key] = ns[key] is not o and not np.may_share_memory(ns[key], o)
         ns["_fresh"] = fresh
         return new_group, ns
+
+
+def _check_sparse_q8_group(group):
+    """A SparseAdam group with ``state_dtype='q8'``: the options 8-bit row state has."""
+    if group.get("state_dtype") != _plan.Q8:
+        return
+    for k, what in (("amsgrad", "no 8-bit max_exp_avg_sq"),
+                    ("rowwise", "row-wise v is one float per row already"),
+                    ("dense_equivalent", "its catch-up keeps float state")):
+        if group[k]:
+            raise ValueError(f"{k}=True is not supported with state_dtype='q8' ({what})")
+
+
+def _q8_row_array(name, val, table_shape, key):
+    """A checkpoint's 8-bit row-state buffer: uint8 codes of the table's shape
+    (any code is valid) or float32 block scales ``(n_rows, ceil(dim / 256))``,
+    finite and >= 0; C-contiguous (``val``'s own data where it can be)."""
+    try:
+        arr = to_numpy(val)
+    except Exception as e:
+        raise TypeError(f"{name} is not convertible to a numpy array ({e})") from None
+    codes = key in ("exp_avg", "exp_avg_sq")
+    want = np.dtype(np.uint8) if codes else np.dtype(np.float32)
+    if not isinstance(arr, np.ndarray) or arr.dtype != want:
+        raise TypeError(f"{name} must have dtype {want} (8-bit row state), got "
+                        f"{getattr(arr, 'dtype', type(arr).__name__)}")
+    shape = tuple(table_shape) if codes else (table_shape[0],
+                                              F._quant.n_blocks(table_shape[1]))
+    if arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
+    if not codes and arr.size and not (np.all(np.isfinite(arr)) and arr.min() >= 0):
+        raise ValueError(f"{name} must hold finite values >= 0 (block scales)")
+    return np.array(arr, dtype=want, order="C", copy=None)
 
 
 def _check_dense_equivalent(group):

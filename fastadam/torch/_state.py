@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .._validate import check_bool, check_hyper, check_state_step
-from ._views import scalar_dtype, step_value
+from ._views import check_q8_rows_loaded, scalar_dtype, step_value
 
 __all__ = ["to_torch_state_dict", "resolve_fused"]
 
@@ -255,6 +255,9 @@ def _check_param_state(name: str, st: Any, p: Any, sparse: bool) -> None:
         raise TypeError(f"{name} must be a dict, got {type(st).__name__}")
     if not st:
         return                      # no state yet: created at the first step
+    if sparse and ("exp_avg_absmax" in st or "exp_avg_sq_absmax" in st):
+        check_q8_rows_loaded(name, st, p)       # 8-bit row state (state_dtype='q8')
+        return
     keys = _SPARSE_KEYS if sparse else _ADAM_KEYS
     unknown = [k for k in st if k != "step" and k not in keys]
     if unknown:

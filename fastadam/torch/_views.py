@@ -346,3 +346,86 @@ def as_state_layout(state, key, p, view):
     nt.copy_(t)
     state[key] = nt
     return nt
+
+
+# ------------------------------------------------ 8-bit row state (sparse, issue 13)
+
+Q8_ROW_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+
+
+def q8_rows_eligible(p):
+    """Whether a parameter stepped by sparse gradients gets 8-bit row state in a
+    ``'q8'`` group: float32 with 4096+ elements (smaller ones keep float32 state)."""
+    return p.dtype == torch.float32 and p.numel() >= _interface.Q8_MIN_SIZE
+
+
+def new_q8_rows(p, table_shape):
+    """Fresh 8-bit row state tensors of ``p`` stepped as a table of ``table_shape``
+    (:func:`fastadam.functional.new_sparse_state8bit`): codes of ``p``'s shape,
+    block scales ``(rows, ceil(width / 256))``, all zero."""
+    from .. import functional as F
+    st = F.new_sparse_state8bit(table_shape)
+    return {k: torch.from_numpy(a).view(p.shape) if a.dtype.kind == "u"
+            else torch.from_numpy(a) for k, a in st.items()}
+
+
+def check_q8_rows(cls, st, p, table_shape, where):
+    """Raise unless ``st`` holds 8-bit row state for ``p`` stepped as a table of
+    ``table_shape``: CPU contiguous uint8 codes of ``p``'s shape and float32
+    scales ``(rows, ceil(width / 256))``."""
+    rows, width = table_shape
+    nb = (rows, -(-width // _interface.Q8_BLOCK))
+    for k in Q8_ROW_KEYS:
+        t = st.get(k)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{cls}: state of {where} lacks {k!r} (8-bit row state)")
+        codes = k in ("exp_avg", "exp_avg_sq")
+        want, shape = (torch.uint8, tuple(p.shape)) if codes else (torch.float32, nb)
+        if (t.dtype != want or tuple(t.shape) != shape or t.device.type != "cpu"
+                or not t.is_contiguous()):
+            hint = "" if codes or t.dim() == 2 else \
+                " (dense 8-bit state, whose blocks span rows, cannot take sparse gradients)"
+            raise ValueError(f"{cls}: state {k!r} of {where} is {t.dtype} {tuple(t.shape)} on "
+                             f"{t.device}; 8-bit row state needs a contiguous CPU {want} "
+                             f"tensor of shape {shape}{hint}")
+
+
+def q8_row_views(st, table_shape):
+    """Zero-copy numpy views of 8-bit row state, codes as ``table_shape``."""
+    return tuple((st[k].view(table_shape) if k in ("exp_avg", "exp_avg_sq") else st[k]).numpy()
+                 for k in Q8_ROW_KEYS)
+
+
+def check_q8_rows_loaded(name, st, p):
+    """A checkpoint's 8-bit row state of ``p`` (tensors): ``step`` and the four
+    keys only, uint8 codes of ``p``'s shape, float32 scales ``(rows, nb)``
+    with ``rows`` dividing ``p.numel()`` and ``nb = ceil(numel / rows / 256)``,
+    finite and >= 0. The table shape follows from the scales."""
+    unknown = [k for k in st if k != "step" and k not in Q8_ROW_KEYS]
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown} (8-bit row state: step, "
+                         f"{', '.join(Q8_ROW_KEYS)})")
+    missing = [k for k in ("step",) + Q8_ROW_KEYS if k not in st]
+    if missing:
+        raise ValueError(f"{name} lacks {missing} (8-bit row state)")
+    check_state_step(step_value(st["step"], f"{name} 'step'"), f"{name} 'step'")
+    for k in Q8_ROW_KEYS:
+        if not isinstance(st[k], torch.Tensor) or st[k].is_meta:
+            raise TypeError(f"{name} {k!r} must be a tensor with values (8-bit row state)")
+    a = st["exp_avg_absmax"]
+    rows = a.shape[0] if a.dim() == 2 else -1
+    n = p.numel()
+    if rows < 1 or n % rows:
+        raise ValueError(f"{name} 'exp_avg_absmax' has shape {tuple(a.shape)}: 8-bit row "
+                         f"state needs (rows, ceil(width / 256)) with rows * width = {n}")
+    table_shape = (rows, n // rows)
+    nb = (rows, -(-table_shape[1] // _interface.Q8_BLOCK))
+    for k in Q8_ROW_KEYS:
+        t = st[k]
+        codes = k in ("exp_avg", "exp_avg_sq")
+        want, shape = (torch.uint8, tuple(p.shape)) if codes else (torch.float32, nb)
+        if t.dtype != want or tuple(t.shape) != shape:
+            raise TypeError(f"{name} {k!r} must be a {want} tensor of shape {shape} "
+                            f"(8-bit row state), got {t.dtype} {tuple(t.shape)}")
+        if not codes and t.numel() and not bool(torch.isfinite(t).all() and t.min() >= 0):
+            raise ValueError(f"{name} {k!r} must hold finite values >= 0 (block scales)")

@@ -10,12 +10,16 @@ counted, so a rejected step leaves every table, state value and ``step``
 bit-identical (state created for a first step may remain, zeroed, as with
 torch). With one table the single call is :func:`fastadam.sparse_adam_step`,
 which validates everything (ids in its merge pass) before it writes.
+
+``state_dtype="q8"`` (a group key): float32 tables of 4096+ elements keep
+8-bit row state (:func:`fastadam.functional.sparse_adam8bit_step`); those
+parameters take the checked path every step (no cached views).
 """
 
 import torch
 from torch.optim.optimizer import Optimizer
 
-from .. import _threads
+from .. import _plan, _threads
 from .. import functional as _F
 from .._validate import check_state_step
 from ..functional import plan_sparse_adam, sparse_adam_step
@@ -39,16 +43,24 @@ class SparseAdam(Stepper, Optimizer):
     device when the optimizer is built (deferred init), must be CPU tensors
     when stepped; a tensor listed twice gets torch's warning and is stepped
     once. ``load_state_dict`` also takes numpy-layout dicts (``fastadam.load``).
+
+    ``state_dtype="q8"`` (extra keyword and group key): float32 tables of 4096+
+    elements keep 8-bit **row** state -- ``exp_avg`` / ``exp_avg_sq`` uint8
+    codes of the parameter's shape, ``exp_avg_absmax`` / ``exp_avg_sq_absmax``
+    float32 ``(rows, ceil(width / 256))``, each row in blocks of its own (see
+    :func:`fastadam.functional.sparse_adam8bit_step`); smaller ones float32.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *,
-                 n_threads=None):
+                 n_threads=None, state_dtype=None):
         V.check_torch_hyper(lr, betas, eps, strict=True)
         self.n_threads = _threads.check(n_threads)
         self._init_lock()
         self._fa_views = {}
         self._fa_dups = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
+        if state_dtype is not None:
+            defaults["state_dtype"] = _check_state_dtype(state_dtype, "state_dtype")
         super().__init__(params, defaults)
         sparse_params = []
         complex_params = []
@@ -99,8 +111,27 @@ class SparseAdam(Stepper, Optimizer):
         hyperparameters, state keys, ``step``, each state tensor's shape, dtype
         kind and device) is checked before anything changes: a rejected dict
         raises naming the problem and leaves the optimizer as it was."""
+        base = super().load_state_dict
+
+        def load(sd):
+            # a group's state_dtype: the dict's, else the optimizer's; checked first
+            for gi, (g, sg) in enumerate(zip(self.param_groups, sd["param_groups"])):
+                if "state_dtype" not in sg and g.get("state_dtype") is not None:
+                    sg["state_dtype"] = g["state_dtype"]
+                if sg.get("state_dtype") is not None:
+                    sg["state_dtype"] = _check_state_dtype(
+                        sg["state_dtype"], f"{type(self).__name__}.load_state_dict: param "
+                        f"group {gi} 'state_dtype'")
+            base(sd)
+            for g in self.param_groups:   # torch casts the uint8 codes to the param's dtype
+                for p in g["params"]:
+                    st = self.state.get(p)
+                    if st and "exp_avg_absmax" in st:
+                        for k in ("exp_avg", "exp_avg_sq"):
+                            st[k] = st[k].to(torch.uint8)
+
         with self._lock:
-            load_checked(self, super().load_state_dict, state_dict, sparse=True)
+            load_checked(self, load, state_dict, sparse=True)
 
     @torch.no_grad()
     def _step(self, closure=None):
@@ -158,9 +189,18 @@ class SparseAdam(Stepper, Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0
-                    state.update(V.new_state(p, ("exp_avg", "exp_avg_sq")))
+                    if group.get("state_dtype") == _plan.Q8 and V.q8_rows_eligible(p):
+                        state.update(V.new_q8_rows(p, tuple(table.shape)))
+                    else:
+                        state.update(V.new_state(p, ("exp_avg", "exp_avg_sq")))
                 elif type(state["step"]) is not int:
                     _int_step(state, gi, i)
+                if "exp_avg_absmax" in state:        # 8-bit row state: no cached views
+                    V.check_q8_rows("SparseAdam", state, p, tuple(table.shape), where)
+                    views = (table.numpy(), ids.numpy(), vals.detach().numpy()) + \
+                        V.q8_row_views(state, tuple(table.shape))
+                    work.append((group, state, views, p))
+                    continue
                 for k in ("exp_avg", "exp_avg_sq"):
                     t = state[k]
                     if t.shape != p.shape or t.dtype != p.dtype or not t.is_contiguous():
@@ -180,16 +220,21 @@ class SparseAdam(Stepper, Optimizer):
         if len(work) == 1:
             # One table: sparse_adam_step validates everything before it writes (the
             # ids in its merge pass), so the plan's separate id pass is not needed.
-            group, state, (table, ids, vals, m, v), _ = work[0]
-            b1, b2 = group["betas"]
-            sparse_adam_step(table, ids, vals, m, v, step=int(state["step"]) + 1,
-                             lr=_num(group["lr"]), betas=(_num(b1), _num(b2)),
-                             eps=group["eps"], maximize=group.get("maximize", False),
-                             n_threads=n_threads)
+            group, state, views, _ = work[0]
+            if len(views) == 7:
+                _F.sparse_adam8bit_step(*views, **_kwargs(group, state, n_threads))
+            else:
+                table, ids, vals, m, v = views
+                b1, b2 = group["betas"]
+                sparse_adam_step(table, ids, vals, m, v, step=int(state["step"]) + 1,
+                                 lr=_num(group["lr"]), betas=(_num(b1), _num(b2)),
+                                 eps=group["eps"], maximize=group.get("maximize", False),
+                                 n_threads=n_threads)
         else:
             plan = []
             for group, state, views, _ in work:
-                plan += plan_sparse_adam(*views, **_kwargs(group, state, n_threads))
+                planner = _F.plan_sparse_adam8bit if len(views) == 7 else plan_sparse_adam
+                plan += planner(*views, **_kwargs(group, state, n_threads))
             _F.run(plan)
         for _, state, _, _ in work:
             state["step"] = int(state["step"]) + 1
@@ -202,6 +247,18 @@ def _kwargs(group, state, n_threads):
     b1, b2 = group["betas"]
     return dict(step=int(state["step"]) + 1, lr=_num(group["lr"]), betas=(_num(b1), _num(b2)),
                 eps=group["eps"], maximize=group.get("maximize", False), n_threads=n_threads)
+
+
+def _check_state_dtype(value, name):
+    """A SparseAdam ``state_dtype``: None or ``"q8"`` (8-bit row state)."""
+    try:
+        v = _plan.state_dtype_name(value)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
+    if v != _plan.Q8:
+        raise ValueError(f"{name} must be None (float state of the table's dtype) or 'q8' "
+                         f"(8-bit row state), got {value!r:.40}")
+    return v
 
 
 def _int_step(state, gi, i):

@@ -13,6 +13,11 @@ per block of 256); smaller parameters keep torch's float32 ``exp_avg`` /
 native call; :func:`fastadam.functional.plan_adam` for the rest) before any
 is run. ``load_state_dict`` checks the 8-bit state and keeps its dtypes
 (torch's own would cast the uint8 codes to the parameter's dtype).
+Parameters with sparse gradients (``nn.Embedding(sparse=True)``) take the
+lazy sparse path (torch ``SparseAdam``'s arithmetic) with 8-bit **row**
+state (:func:`fastadam.functional.plan_sparse_adam8bit`: the scales of shape
+``(rows, ceil(width / 256))``, a row's blocks its own), float32 state under
+4096 elements.
 
 :func:`to_bitsandbytes_state` / :func:`from_bitsandbytes_state` convert one
 parameter's state to and from ``bitsandbytes.optim.Adam8bit``'s
@@ -79,7 +84,12 @@ class Adam8bit(Optimizer):
     the dequantised moments, which are then requantised to the exact nearest
     code; it follows ``torch.optim.Adam`` to the quantisation error, not bit
     for bit. Works with ``GradScaler`` (the gradients are unscaled inside the
-    kernel) and ``lr_scheduler``.
+    kernel) and ``lr_scheduler``. Parameters with sparse gradients
+    (``nn.Embedding(sparse=True)``) are stepped lazily (only the rows present
+    change, ``torch.optim.SparseAdam``'s arithmetic, as in
+    :class:`fastadam.torch.Adam`) with 8-bit row state: ``exp_avg_absmax`` /
+    ``exp_avg_sq_absmax`` of shape ``(rows, ceil(width / 256))`` (see
+    :func:`fastadam.functional.sparse_adam8bit_step`).
     """
 
     _decoupled_default = False
@@ -162,7 +172,10 @@ class Adam8bit(Optimizer):
             name = f"{cls}.load_state_dict: state {key!r}"
             check_state_step(V.step_value(st.get("step", 0), name), f"{name} 'step'")
             if "exp_avg_absmax" in st:
-                _check_q8_tensors(name, st, p)
+                if getattr(st["exp_avg_absmax"], "dim", lambda: 1)() == 2:
+                    V.check_q8_rows_loaded(name, st, p)      # 8-bit row state (sparse)
+                else:
+                    _check_q8_tensors(name, st, p)
                 q8.append(key)
         for g in groups:
             g["state_dtype"] = "q8"
@@ -181,12 +194,16 @@ class Adam8bit(Optimizer):
         q8: tuple[list[Any], ...] = ([], [], [[] for _ in _Q8], [], [])
         f32: tuple[list[Any], ...] = ([], [], [[] for _ in _F32], [], [])
         tparams = []
+        sparse = []
         for i, p, g in V.stepped(cls, {}, gi, group["params"]):
             where = f"parameter {i} of param group {gi}"
             V.check_param(cls, p, where)
-            if g.is_sparse or g.layout != torch.strided:
-                raise ValueError(f"{cls}: the gradient of {where} is sparse; 8-bit state "
-                                 "takes dense gradients")
+            if g.is_sparse:
+                sparse.append(self._gather_sparse(p, g, where))
+                continue
+            if g.layout != torch.strided:
+                raise ValueError(f"{cls}: the gradient of {where} has layout {g.layout}; "
+                                 "dense (strided) or sparse COO gradients only")
             if g.dtype != p.dtype or g.shape != p.shape or g.device.type != "cpu":
                 raise TypeError(f"{cls}: the gradient of {where} is {g.dtype} "
                                 f"{tuple(g.shape)} on {g.device}, the parameter {p.dtype} "
@@ -218,7 +235,32 @@ class Adam8bit(Optimizer):
             dst[3].append(sv)
             dst[4].append(i)
             tparams.append(p)
-        return q8, f32, tparams
+        return q8, f32, tparams, sparse
+
+    def _gather_sparse(self, p, g, where):
+        """A parameter with a sparse gradient: ``(p, step view, numpy views)``,
+        the views ``(table, ids, grad rows)`` + 8-bit row state (7) or float32
+        ``exp_avg``, ``exp_avg_sq`` (5); state created on the first step."""
+        cls = type(self).__name__
+        if g.device.type != "cpu":
+            raise ValueError(f"{cls}: the gradient of {where} is on device '{g.device}'; "
+                             "fastadam steps CPU tensors only")
+        table, ids, vals = V.sparse_operands(cls, p, g, where)
+        shape = tuple(table.shape)
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=V.scalar_dtype())
+            state.update(V.new_q8_rows(p, shape) if V.q8_rows_eligible(p)
+                         else V.new_state(p, _F32))
+        sv = V.step_view(state, where)
+        ops = (table.numpy(), ids.numpy(), vals.detach().numpy())
+        if "exp_avg_absmax" in state:
+            V.check_q8_rows(cls, state, p, shape, where)
+            return p, sv, ops + V.q8_row_views(state, shape)
+        V.check_state(cls, state, _F32, p, where)
+        for k in _F32:
+            V.as_state_layout(state, k, p, "contiguous")
+        return p, sv, ops + tuple(state[k].view(shape).numpy() for k in _F32)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -236,7 +278,7 @@ class Adam8bit(Optimizer):
         if gs_val is not None:
             check_grad_scale(gs_val)
         plan, counted, tparams = [], [], []
-        for group, (q8, f32, tp) in zip(self.param_groups, gathered):
+        for group, (q8, f32, tp, sparse) in zip(self.param_groups, gathered):
             b1, b2 = group["betas"]
             kw = dict(lr=V.num(group["lr"]), betas=(V.num(b1), V.num(b2)), eps=group["eps"],
                       weight_decay=group["weight_decay"],
@@ -249,6 +291,15 @@ class Adam8bit(Optimizer):
                 steps = [int(sv) + 1 for sv in svs]
                 plan += planner(ps, gs, *sts, steps=steps, labels=labels, **kw)
                 counted.append((svs, steps))
+            kw.pop("grad_scale")
+            for p, sv, views in sparse:
+                if gs_val is not None:     # the sparse path takes unscaled rows
+                    views = views[:2] + ((views[2] / gs_val).astype(views[2].dtype),) + views[3:]
+                planner = _F.plan_sparse_adam8bit if len(views) == 7 else _F.plan_sparse_adam
+                step = int(sv) + 1
+                plan += planner(*views, step=step, **kw)
+                counted.append(([sv], [step]))
+                tparams.append(p)
             tparams += tp
         _F.run(plan)
         for svs, steps in counted:

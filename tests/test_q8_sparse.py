@@ -465,6 +465,15 @@ def test_torch_adamw8bit_sparse_embedding_and_dense_layer():
     assert torch.equal(p, w)
 
 
+def test_torch_adam_points_q8_to_adam8bit():
+    torch = _torch()
+    import fastadam.torch as fat
+    emb = torch.nn.Embedding(300, 64, sparse=True)
+    for cls in (fat.Adam, fat.AdamW):
+        with pytest.raises(ValueError, match="Adam8bit"):
+            cls(emb.parameters(), state_dtype="q8")
+
+
 def test_training_with_q8_rows_tracks_float32_rows():
     """Matrix factorisation (two 400 x 16 embedding tables fitting a rank-4
     target, 300 steps of 256 ratings, same init and batches): the mean loss

@@ -99,6 +99,10 @@ class Adam(Stepper, Optimizer):
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         defaults.update(precision_defaults(state_dtype, stochastic_rounding, seed))
+        if defaults.get("state_dtype") == _plan.Q8:
+            raise ValueError(f"{type(self).__name__}: state_dtype='q8' (8-bit state) is "
+                             "fastadam.torch.Adam8bit / AdamW8bit (sparse-gradient parameters "
+                             "included: 8-bit row state)")
         self._init_lock()
         self._fa_fast = {}
         self._fa_dups = {}

@@ -352,6 +352,30 @@ def _sp_fastadam(pre_merged=False, cycling=False):
     return make
 
 
+def _sp_fastadam_q8(cycling=False):
+    """fastadam's sparse step with 8-bit row state (its own state, created here)."""
+    def make(c):
+        F = getattr(P.fastadam_mod(), "functional", None)
+        f = getattr(F, "sparse_adam8bit_step", None)
+        if f is None:
+            raise P.Skip("fastadam.functional.sparse_adam8bit_step is not in this build yet")
+        if c.dtype != np.float32:
+            raise P.Skip("8-bit row state is for float32 tables")
+        if cycling and not c.cycle:
+            raise P.Skip("fastadam-q8-cycling runs with --sparse-batches cycling")
+        q8 = F.new_sparse_state8bit(c.table.shape)
+        st = {"step": 0}
+        nt = c.threads
+
+        def step():
+            st["step"] += 1
+            i, g = c.cycle[st["step"] % len(c.cycle)] if cycling else (c.idx, c.grad)
+            f(c.table, i, g, **q8, step=st["step"], lr=P.LR, n_threads=nt)
+        step()
+        return step
+    return make
+
+
 # the dense-equivalent mode, measured in the steady state of a long run
 DENSE_EQ_STEPS = 10_000
 
@@ -508,6 +532,10 @@ SPARSE = {
                          f"{16} different batches in turn (cold rows; --sparse-batches cycling)"),
     "fastadam-premerged-cycling": (_sp_fastadam(True, cycling=True), "fastadam-cycling's "
                                    "batches pre-merged: the stream's step without the merge"),
+    "fastadam-q8": (_sp_fastadam_q8(), "fastadam.functional.sparse_adam8bit_step (8-bit "
+                    "row state)"),
+    "fastadam-q8-cycling": (_sp_fastadam_q8(True), "fastadam-q8 over fastadam-cycling's "
+                            "batches"),
     "fastadam.SparseAdam": (_sp_fastadam_optim, "fastadam.SparseAdam(table).step"),
     "fastadam.torch": (_sp_fastadam_torch, "fastadam.torch.SparseAdam"),
     "torch": (_sp_torch, "torch.optim.SparseAdam"),
@@ -523,9 +551,10 @@ SPARSE = {
 }
 # the peers of the batch modes (--sparse-batches)
 SPARSE_MODES = {
-    "fixed": ("fastadam", "fastadam-premerged", "fastadam.SparseAdam", "fastadam.torch", "torch",
-              "numpy-ref"),
-    "cycling": ("fastadam-cycling", "fastadam-premerged-cycling", "torch-cycling"),
+    "fixed": ("fastadam", "fastadam-premerged", "fastadam-q8", "fastadam.SparseAdam",
+              "fastadam.torch", "torch", "numpy-ref"),
+    "cycling": ("fastadam-cycling", "fastadam-premerged-cycling", "fastadam-q8-cycling",
+                "torch-cycling"),
     "busy": ("fastadam-cycling",),
     "dense": ("fastadam-dense-equiv", "torch-fused-dense"),
 }
@@ -534,16 +563,26 @@ SPARSE_OURS = tuple(k for k in SPARSE if k.startswith("fastadam"))
 CYCLING_BATCHES = 16
 
 
+def _q8_bytes(c):
+    """Touched bytes of a step with 8-bit row state: p (float32) and the m, v
+    codes read and written, two float32 scales per block of each touched row
+    read and written, the grad rows and ids read."""
+    nb = -(-c.dim // 256)
+    return (c.unique * (c.dim * (8 + 4) + nb * 16) + c.batch * c.dim * c.dtype.itemsize
+            + c.batch * 8)
+
+
 def _sparse_records(scenario, res, c, dtype, t, **kw):
     out = []
     for impl, rr in res.items():
         tm = rr["median"]
+        nbytes = _q8_bytes(c) if impl.startswith("fastadam-q8") else c.bytes
         out.append(_rec(scenario, impl, rr, dtype=dtype, threads=t, rows=c.rows, dim=c.dim,
                         batch=c.batch, zipf=c.zipf, unique_rows=c.unique,
-                        touched_elems=c.unique * c.dim, touched_bytes=c.bytes,
+                        touched_elems=c.unique * c.dim, touched_bytes=nbytes,
                         working_set=c.working_set, ms_per_step=tm * 1e3,
                         ns_per_touched_elem=tm / (c.unique * c.dim) * 1e9,
-                        gbs=c.bytes / tm / 1e9, **kw))
+                        gbs=nbytes / tm / 1e9, **kw))
     return out
 
 

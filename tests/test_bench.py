@@ -105,6 +105,30 @@ def test_smoke_q8_scenario(smoke):
     assert "8-bit state (q8)" in stdout
 
 
+def test_smoke_precision_scenario(smoke):
+    """The precision scenario ran every fastadam combination next to torch fused in
+    float32 and in the same 16-bit dtype, with bytes per element and state bytes per
+    parameter; DeepSpeedCPUAdam's combinations where it is installed, a skip line
+    where not (issue 12)."""
+    from fastadam.bench import precision as PR
+    out, stdout = smoke
+    with open(out / "results.json") as f:
+        recs = [r for r in json.load(f)["results"] if r["scenario"] == "precision"]
+    impls = {r["impl"] for r in recs}
+    assert {f"fastadam {k}" for k in PR.COMBOS} | set(PR.TORCH) <= impls, impls
+    for r in recs:
+        assert r["median_s"] > 0 and r["ns_per_elem"] > 0
+        if r["impl"].startswith("fastadam "):
+            p, g, s, c, _ = PR.COMBOS[r["combo"]]
+            assert r["bytes_per_elem"] == PR.bytes_per_elem(p, g, s, c), r
+            assert r["state_bytes_per_param"] == 2 * PR.SIZE[s], r
+    assert recs[0]["bytes_per_elem"] > 0 and "Precision, " in stdout
+    if importlib.util.find_spec("deepspeed") is None:
+        assert "skip deepspeed (precision)" in stdout
+    else:   # (or it could not build its op: then the same skip line)
+        assert set(PR.DEEPSPEED) <= impls or "skip deepspeed" in stdout
+
+
 def test_smoke_writes_markdown_and_plots(smoke):
     out, stdout = smoke
     md = (out / "results.md").read_text()

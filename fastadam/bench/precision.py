@@ -8,7 +8,8 @@ bfloat16 grads and a bfloat16 ``param_copy`` written in the same pass --
 side by side with ``torch.optim.Adam(fused=True)`` in float32 and in the
 same 16-bit dtype, torch's float32 step with the casts a ZeRO-Offload loop
 does around it (bfloat16 grads up, bfloat16 copy of the params down), and
-DeepSpeedCPUAdam where installed (a skip line otherwise). Workloads: single
+DeepSpeedCPUAdam where installed (a skip line otherwise: float32, all-bf16,
+all-fp16 natively, and float32 with the same casts). Workloads: single
 arrays (``--sizes``, default 2**16, 2**20, 2**26) and model shapes
 (``--models``, GPT-2 small by default).
 
@@ -142,9 +143,47 @@ def _torch_fused(pool, dt, casts):
     return step
 
 
-def _deepspeed():
-    P.deepspeed_cls()       # raises Skip where it is not installed
-    raise P.Skip("DeepSpeedCPUAdam peer for the precision combinations is not wired up")
+# DeepSpeedCPUAdam peers: label -> (dtype set, casts around a float32 step). Its
+# kernel takes (param, state) = (fp32, fp32), (bf16|fp16, fp32) and (bf16|fp16, same)
+# with grads in the param dtype: so all-bf16 and all-fp16 natively, and the ZeRO-Offload
+# loop as bf16 grads cast up, its float32 step, the bf16 copy cast down.
+DEEPSPEED = {
+    "deepspeed fp32": ("float32", False),
+    "deepspeed all-bf16": ("bfloat16", False),
+    "deepspeed all-fp16": ("float16", False),
+    "deepspeed fp32 + casts": ("float32", True),
+}
+
+
+def _deepspeed(pool, dt, casts):
+    """One DeepSpeedCPUAdam step over the ``dt`` set (its state tensors put in
+    place); the cached optimizer is re-pointed at this peer's params per call,
+    so several DeepSpeed peers interleave (their state keys are distinct
+    tensors)."""
+    torch = P.torch_mod()
+    tps, tms, tvs = pool.torch(dt)
+    opt = P.deepspeed_opt(False, tps[0])
+    for tp, tm, tv in zip(tps, tms, tvs):
+        opt.state[tp] = {"step": 0, "exp_avg": tm, "exp_avg_sq": tv}
+    group = opt.param_groups[0]
+    plist = list(tps)
+    if not casts:
+        def step():
+            group["params"] = plist
+            opt.step()
+        return step
+    g16 = pool.torch("bfloat16")[0]
+    c16 = [torch.from_numpy(c.view(np.int16)).view(torch.bfloat16) for c in pool.copies]
+    pairs = list(zip(tps, g16, c16))
+
+    def step_casts():
+        group["params"] = plist
+        for tp, tg, _ in pairs:          # bf16 grads from the accelerator -> float32
+            tp.grad.copy_(tg.grad)
+        opt.step()
+        for tp, _, tc in pairs:          # the bf16 copy sent back
+            tc.copy_(tp)
+    return step_casts
 
 
 def precision(run):
@@ -161,8 +200,10 @@ def precision(run):
     workloads = [(S_fmt(n), [(n,)]) for n in run.precision_sizes]
     workloads += [(m, S.MODELS[m]()) for m in run.precision_models]
     out = []
+    peers = dict(TORCH)
     try:
-        _deepspeed()
+        P.deepspeed_cls()       # raises Skip where it is not installed
+        peers.update(DEEPSPEED)
     except P.Skip as e:
         msg = f"skip deepspeed (precision): {e}"
         if msg not in run.skipped:
@@ -183,9 +224,10 @@ def precision(run):
                     meta[impl] = dict(combo=label, param=p, grad=g, state=s, copy=c, sr=sr,
                                       bytes_per_elem=bytes_per_elem(p, g, s, c),
                                       state_bytes_per_param=2 * SIZE[s])
-                for label, (dt, casts) in TORCH.items():
+                for label, (dt, casts) in peers.items():
                     try:
-                        fn = _torch_fused(pool, dt, casts)
+                        make = _deepspeed if label.startswith("deepspeed") else _torch_fused
+                        fn = make(pool, dt, casts)
                         fn()
                     except P.Skip as e:
                         run.log(f"skip {label}: {e}")
@@ -225,7 +267,8 @@ def steps(run):
 def tables(recs):
     """The scenario's tables: per workload and thread count, every impl with its
     time, bytes/element, GB/s, % of bound, state bytes per parameter and its
-    speedup over torch fused float32 and over torch fused in its own dtype."""
+    speedup over torch fused float32, over torch fused in its own dtype and over
+    DeepSpeedCPUAdam on the same (param, grad, state, copy) combination."""
     from . import report as RP
     from .bound import fmt_pct
     prec = [r for r in recs if r["scenario"] == "precision"]
@@ -235,8 +278,11 @@ def tables(recs):
         rs = [r for r in prec if r["workload"] == wl and r["threads"] == t]
         by = {r["impl"]: r for r in rs}
         f32 = by.get("torch-fused fp32")
+        ds = {(r["param"], r["grad"], r["state"], r["copy"]): r for r in rs
+              if r["impl"].startswith("deepspeed")}
         rows = []
         for r in rs:
+            dsr = ds.get((r["param"], r["grad"], r["state"], r["copy"]))
             same = by.get(f"torch-fused {'bf16' if r['param'] == 'bfloat16' else 'fp16'}") \
                 if r["param"] in ("bfloat16", "float16") else None
             if r["copy"] and not r["impl"].startswith("torch"):
@@ -245,10 +291,13 @@ def tables(recs):
                          f"{r['gbs']:.1f}", fmt_pct(r), r["state_bytes_per_param"],
                          f"{f32['median_s'] / r['median_s']:.2f}x" if f32 else "-",
                          f"{same['median_s'] / r['median_s']:.2f}x"
-                         if same and same is not r else "-"])
+                         if same and same is not r else "-",
+                         f"{dsr['median_s'] / r['median_s']:.2f}x"
+                         if dsr and dsr is not r and not r["impl"].startswith("torch") else "-"])
         out.append((f"Precision, {wl} ({rs[0]['n']:,} elements), {RP._thr(t)}: time per "
                     "step (median); speedups = torch's time / this one",
                     RP._table(["implementation", "time", "bytes/elem", "GB/s", "% of bound",
                                "state B/param", "vs torch-fused fp32",
-                               "vs torch same dtype (copy: fp32 + casts)"], rows)))
+                               "vs torch same dtype (copy: fp32 + casts)",
+                               "vs DeepSpeed same combo"], rows)))
     return out

@@ -114,6 +114,10 @@ class Adam(Stepper, Optimizer):
         n = len(self.param_groups)
         super().add_param_group(param_group)
         try:
+            if self.param_groups[-1].get("state_dtype") == "q8":
+                raise ValueError(f"{type(self).__name__}: state_dtype='q8' (8-bit state) is "
+                                 "stepped by fastadam.torch.Adam8bit / AdamW8bit, which take "
+                                 "torch.optim.Adam's / AdamW's arguments")
             for i, p in enumerate(self.param_groups[-1]["params"]):
                 V.check_param(type(self).__name__, p, f"parameter {i} of param group {n}",
                               device=False)

@@ -85,16 +85,18 @@ def sr_bits(key, n, start=0):
     ``h >> 16``, its exp_avg with ``h & 0xffff``, exp_avg_sq with
     ``h2 >> 16``, max_exp_avg_sq with ``h2 & 0xffff``::
 
-        h = mix32(mix32(lo32(i) ^ lo32(key)) ^ hi32(key) ^ hi32(i))
+        h = mix32(lo32(i) ^ mix32(hi32(key) ^ hi32(i)) ^ lo32(key))
 
-    with mix32 the "lowbias32" integer hash (two xor-shift-multiply rounds).
+    with mix32 the "lowbias32" integer hash (two xor-shift-multiply rounds);
+    the kernels mix the key part once per span, so one mix32 per element
+    (two for ``h2``).
     """
     idx = np.arange(start, start + n, dtype=np.uint64)
     lo = (idx & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     hi = (idx >> np.uint64(32)).astype(np.uint32)
     klo = np.uint32(key & 0xFFFFFFFF)
     khi = np.uint32(key >> 32)
-    h = _mix32(_mix32(lo ^ klo) ^ (hi ^ khi))
+    h = _mix32(lo ^ (_mix32(hi ^ khi) ^ klo))
     return h, _mix32(h ^ np.uint32(0x9E3779B9))
 
 

@@ -56,9 +56,10 @@ if SANITIZE:  # ASan + UBSan; any UB report aborts (no recovery)
     LINK = list(_SAN)
 ISA_FLAGS = {"baseline": []}
 if IS_X86:
-    ISA_FLAGS["avx2"] = ["-mavx", "-mavx2", "-mfma"]
+    # -mf16c: every AVX2 CPU has F16C (vcvtph2ps / vcvtps2ph: the float16 codec)
+    ISA_FLAGS["avx2"] = ["-mavx", "-mavx2", "-mfma", "-mf16c"]
     ISA_FLAGS["avx512"] = [
-        "-mavx", "-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw",
+        "-mavx", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512dq", "-mavx512bw",
         "-mavx512vl", "-mprefer-vector-width=512",
     ]
 if os.environ.get("FASTADAM_MARCH", "").strip() == "native":

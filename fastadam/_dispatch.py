@@ -14,8 +14,8 @@ from . import _runtime
 ISA_LEVELS = ("baseline", "avx2", "avx512", "native")
 _REQUIRES = {
     "baseline": (),
-    "avx2": ("avx", "avx2", "fma"),
-    "avx512": ("avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl"),
+    "avx2": ("avx", "avx2", "fma", "f16c"),
+    "avx512": ("avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl"),
     "native": (),  # built with -march=native on this machine (FASTADAM_MARCH=native)
 }
 

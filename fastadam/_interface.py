@@ -107,6 +107,10 @@ DENSE_COMBOS = {
     "32_bf16g": ("float32", "bfloat16", "float32"),   # grads from an accelerator
     "32_f16g": ("float32", "float16", "float32"),
     "32_bf16gs": ("float32", "bfloat16", "bfloat16"),  # offload: bf16 grads and moments
+    # 16-bit params and grads with float32 moments: the dense loops of the
+    # 8-bit-state kernels of bf16 / fp16 params (Q8_COMBOS), also a dense step
+    "bf16_32s": ("bfloat16", "bfloat16", "float32"),
+    "f16_32s": ("float16", "float16", "float32"),
 }
 
 # Stochastic rounding of the bfloat16 buffers that have no float32 master
@@ -169,9 +173,10 @@ TRAILING = ("args", "flags", "n_threads")
 # float32 absmax per block of Q8_BLOCK elements (see fastadam/_quant.py and
 # docs/guide/q8.md). Ops and combinations of their own: the float ops above
 # are not generated for them. A combination is (param, grad, "uint8"); the
-# compute type is float32. bf16 params/grads, once DTYPES has their codec,
-# are one more Q8_COMBOS entry (the loops load and store through I.load /
-# I.store).
+# compute type is float32. Each needs the float32-state combination of the
+# same param and grad dtypes in COMBOS or DENSE_COMBOS: its dense loop runs
+# on each dequantised block (loads and stores through I.load / I.store, so a
+# 16-bit param is rounded to nearest even by its codec).
 Q8_BLOCK = 256          # elements per absmax block
 Q8_MIN_SIZE = 4096      # the optimizers keep float32 state for smaller arrays
 # The exact nearest-code lookup of each map (signed, unsigned): key =
@@ -182,6 +187,10 @@ Q8_KEYS = {"signed": (16, 103 << 7, (24 << 7) + 1), "unsigned": (15, 103 << 8, (
 Q8_OPS = ("adam_q8", "adam_q8_multi")
 Q8_COMBOS = {
     "32": ("float32", "float32", "uint8"),
+    "bf16": ("bfloat16", "bfloat16", "uint8"),       # bf16 params and grads
+    "f16": ("float16", "float16", "uint8"),          # fp16 params and grads
+    "32_bf16g": ("float32", "bfloat16", "uint8"),    # float32 master, bf16 grads
+    "32_f16g": ("float32", "float16", "uint8"),
 }
 KERNELS.update({(op,) + combo: f"{op}_{sfx}" for op in Q8_OPS
                 for sfx, combo in Q8_COMBOS.items()})   # adam_q8_32, ...
@@ -299,10 +308,10 @@ def q8_combos():
     and grad dtypes, whose update loops the 8-bit kernel runs on each block."""
     out = []
     for sfx, (p, g, _) in Q8_COMBOS.items():
-        dense = [d for d, combo in COMBOS.items() if combo == (p, g, "float32")]
+        dense = [d for d, combo in _ALL.items() if combo == (p, g, "float32")]
         if not dense:
             raise ValueError(f"8-bit combination {sfx} ({p}, {g}) needs the dense "
-                             f"combination ({p}, {g}, float32) in COMBOS")
+                             f"combination ({p}, {g}, float32) in COMBOS or DENSE_COMBOS")
         out.append((sfx, DTYPES[p][0], DTYPES[g][0], dense[0]))
     return out
 

@@ -48,7 +48,8 @@ def round_rne(x, dtype, tail=None):
     """float32 ``x`` rounded to nearest even in ``dtype`` (bfloat16/float16;
     float32/float64: a cast). NaN becomes torch's NaN: for bfloat16 0xffff
     in torch's vector loop and 0x7fc0 in its scalar tail (``tail``: a
-    boolean mask of the tail elements); for float16 sign | 0x7e00."""
+    boolean mask of the tail elements); for float16 F16C's (and torch's)
+    quiet NaN: sign | 0x7e00 | the top 10 bits of the payload."""
     dtype = np.dtype(dtype)
     if dtype in (np.float32, np.float64):
         return np.asarray(x).astype(dtype)
@@ -61,8 +62,10 @@ def round_rne(x, dtype, tail=None):
         return np.where(np.isnan(x), nan, r).astype(np.uint16).view(dtype)
     with np.errstate(all="ignore"):
         h = x.astype(np.float16)                     # numpy: RNE, subnormals, inf
-    sign = (x.view(np.uint32) >> 16).astype(np.uint16) & np.uint16(0x8000)
-    return np.where(np.isnan(x), sign | np.uint16(0x7E00),
+    u = x.view(np.uint32)
+    sign = (u >> 16).astype(np.uint16) & np.uint16(0x8000)
+    payload = ((u >> 13) & 0x3FF).astype(np.uint16)  # F16C: quieted, top 10 bits kept
+    return np.where(np.isnan(x), sign | np.uint16(0x7E00) | payload,
                     h.view(np.uint16)).astype(np.uint16).view(np.float16)
 
 
@@ -82,16 +85,18 @@ def sr_bits(key, n, start=0):
     ``h >> 16``, its exp_avg with ``h & 0xffff``, exp_avg_sq with
     ``h2 >> 16``, max_exp_avg_sq with ``h2 & 0xffff``::
 
-        h = mix32(mix32(lo32(i) ^ lo32(key)) ^ hi32(key) ^ hi32(i))
+        h = mix32(lo32(i) ^ mix32(hi32(key) ^ hi32(i)) ^ lo32(key))
 
-    with mix32 the "lowbias32" integer hash (two xor-shift-multiply rounds).
+    with mix32 the "lowbias32" integer hash (two xor-shift-multiply rounds);
+    the kernels mix the key part once per span, so one mix32 per element
+    (two for ``h2``).
     """
     idx = np.arange(start, start + n, dtype=np.uint64)
     lo = (idx & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     hi = (idx >> np.uint64(32)).astype(np.uint32)
     klo = np.uint32(key & 0xFFFFFFFF)
     khi = np.uint32(key >> 32)
-    h = _mix32(_mix32(lo ^ klo) ^ (hi ^ khi))
+    h = _mix32(lo ^ (_mix32(hi ^ khi) ^ klo))
     return h, _mix32(h ^ np.uint32(0x9E3779B9))
 
 

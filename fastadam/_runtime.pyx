@@ -71,6 +71,7 @@ cdef extern from *:
         case 4: return __builtin_cpu_supports("avx512bw");
         case 5: return __builtin_cpu_supports("avx512vl");
         case 6: return __builtin_cpu_supports("avx");
+        case 7: return __builtin_cpu_supports("f16c");
         }
         return 0;
     }
@@ -85,7 +86,7 @@ cdef extern from *:
     int fa_is_x86() nogil
     int fa_cpu(int which) nogil
 
-_FEATURES = ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx")
+_FEATURES = ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx", "f16c")
 
 
 def cpu_features():

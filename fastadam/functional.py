@@ -1198,9 +1198,11 @@ def adam8bit_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array,
     Parameters
     ----------
     param : ndarray
-        float32, C-contiguous, writable. Updated in place.
+        float32, bfloat16 (``ml_dtypes.bfloat16``) or float16, C-contiguous,
+        writable. Updated in place (16-bit: rounded to nearest even).
     grad : ndarray
-        float32 of the param's shape, C-contiguous; may be read-only.
+        Of the param's shape and dtype (float32 params also take bfloat16 or
+        float16 gradients), C-contiguous; may be read-only.
     exp_avg, exp_avg_sq : ndarray of uint8
         The moments as codes (param's shape): ``exp_avg`` into the signed,
         ``exp_avg_sq`` into the unsigned dynamic map
@@ -1216,7 +1218,8 @@ def adam8bit_step(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array,
     Per block of 256 elements, in one pass: m and v dequantised
     (``map[code] * absmax``), the float32 update of :func:`fastadam.adam_step`
     (same fmas and correctly rounded divisions; every element takes torch's
-    vector-loop formula), p written, the block's new absmax of m and v, m and
+    vector-loop formula; 16-bit params and grads widened exactly, the new
+    param rounded once to nearest even), p written, the block's new absmax of m and v, m and
     v requantised to the exact nearest code (docs: "8-bit optimizer state").
     Bitwise identical for every thread count and ISA module. Any size is
     accepted here; the optimizers keep float32 state below 4096 elements.

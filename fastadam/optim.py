@@ -100,11 +100,13 @@ class Adam(_Locked):
         The dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` (default:
         the param's): e.g. ``"bf16"`` or ``ml_dtypes.bfloat16`` for float32
         params (half the state memory; see docs: Precision), or ``"q8"``:
-        8-bit blockwise state (docs: "8-bit optimizer state") for float32
-        parameters of 4096+ elements -- ``exp_avg``/``exp_avg_sq`` uint8 codes
-        plus float32 ``exp_avg_absmax``/``exp_avg_sq_absmax`` (one per block
-        of 256), about 2 bytes per parameter instead of 8; smaller arrays keep
-        float32 state; no amsgrad, no ``param_copies``. A group key.
+        8-bit blockwise state (docs: "8-bit optimizer state") for float32,
+        bfloat16 or float16 parameters of 4096+ elements -- ``exp_avg``/
+        ``exp_avg_sq`` uint8 codes plus float32 ``exp_avg_absmax``/
+        ``exp_avg_sq_absmax`` (one per block of 256), about 2 bytes per
+        parameter instead of 8 (or 4); smaller arrays keep state of the
+        param's dtype; no amsgrad, no ``param_copies``, no
+        ``stochastic_rounding``. A group key.
     stochastic_rounding : bool
         Round bfloat16 params and/or state stochastically (unbiased) instead
         of to nearest even. A group key.
@@ -461,10 +463,14 @@ def _take(xs, mask, keep):
 
 
 def _check_q8_group(group, params):
-    """A group with ``state_dtype='q8'``: a kernel for every param's dtype, no amsgrad."""
+    """A group with ``state_dtype='q8'``: a kernel for every param's dtype, no
+    amsgrad, no stochastic rounding."""
     if group["amsgrad"]:
         raise ValueError("amsgrad=True is not supported with state_dtype='q8' (no 8-bit "
                          "max_exp_avg_sq)")
+    if group.get("stochastic_rounding", False):
+        raise ValueError("stochastic_rounding=True is not supported with state_dtype='q8' "
+                         "(the 8-bit kernels round 16-bit parameters to nearest even)")
     for i, p in enumerate(params):
         try:
             _plan.state_dtype(p.dtype, group["state_dtype"])

@@ -72,6 +72,14 @@ def test_store_rounds_to_nearest_even(isa, codec):
         mod.round_to(x, out, codec, tail)
         ref = R.round_rne(x, dt, np.full(x.size, bool(tail))).view(np.uint16)
         assert_bitwise([out], [ref], f"{codec} tail={tail}")
+    if codec == "f16":
+        # the loops' block conversion (vcvtps2ph on ymm/zmm in the F16C modules),
+        # every offset of the vector remainder included
+        ref = R.round_rne(x, dt).view(np.uint16)
+        for start in range(17):
+            blk = np.empty(x.size - start, np.uint16)
+            mod.round_to(x[start:], blk, codec, 0, 1)
+            assert_bitwise([blk], [ref[start:]], f"block store from {start}")
     finite = ~np.isnan(x)
     mod.round_to(x, out, codec, 0)
     with np.errstate(all="ignore"):
@@ -83,7 +91,10 @@ def test_store_rounds_to_nearest_even(isa, codec):
         mod.round_to(x, out, codec, 1)
         assert np.all(out[np.isnan(x)] == 0x7FC0)
     else:
-        assert np.all((nan & 0x7FFF) == 0x7E00)
+        # F16C's (and torch's) NaN: quieted, the top 10 payload bits kept
+        u = x[np.isnan(x)].view(np.uint32)
+        want = ((u >> 16) & 0x8000) | 0x7E00 | ((u >> 13) & 0x3FF)
+        assert np.array_equal(nan, want.astype(np.uint16))
 
 
 @pytest.mark.parametrize("isa", importable_isas())
@@ -97,6 +108,15 @@ def test_load_is_exact(isa, codec):
     nan = np.isnan(ref)
     assert_bitwise([out[~nan]], [ref[~nan]])
     assert np.all(np.isnan(out[nan]))
+    if codec == "f16":
+        # NaN widened quiet, payload kept (vcvtph2ps and the software codec alike)
+        hn = h[nan].astype(np.uint32)
+        want = ((hn & 0x8000) << 16) | 0x7FC00000 | ((hn & 0x3FF) << 13)
+        assert np.array_equal(out[nan].view(np.uint32), want)
+        for start in range(17):          # the loops' block conversion (vcvtph2ps)
+            blk = np.empty(h.size - start, np.float32)
+            isa_module(isa).widen(h[start:], blk, codec, 1)
+            assert_bitwise([blk], [out[start:]], f"block load from {start}")
 
 
 # --------------------------------------------------- all-bf16 / all-fp16 vs torch
@@ -162,6 +182,37 @@ def test_bitwise_torch_every_isa_and_thread_count(codec, isa, use_isa):
     for nt in THREADS:
         ours, theirs = _torch_run(codec, o, 2**16 + 17, (0.9, 0.99), 2, seed=3, n_threads=nt)
         assert_bitwise(ours, theirs, f"{codec} {isa} threads={nt}")
+
+
+@pytest.mark.parametrize("isa", importable_isas())
+def test_f16_nan_payloads_as_torch(isa, use_isa):
+    """fp16 params holding NaNs with payloads (quiet and signalling, both signs)
+    come out of a step as torch fused's: quieted, payload kept (F16C's rule,
+    which the software codec of the baseline module follows too)."""
+    use_isa(isa)
+    n = 37                                    # 32 in the vector loop, 5 in the tail
+    nans = np.array([0x7E01, 0xFD55, 0x7FFF, 0xFC01, 0x7C01, 0xFE00], np.uint16)
+    p = np.resize(nans, n).view(np.float16).copy()
+    p[::7] = np.float16(0.5)
+    g = np.linspace(-1, 1, n).astype(np.float16)
+    m, v = np.zeros(n, np.float16), np.zeros(n, np.float16)
+    tp = _as_torch(p, "f16").requires_grad_()
+    tp.grad = _as_torch(g, "f16")
+    torch.optim.Adam([tp], lr=1e-2, fused=True).step()
+    fa.adam_step(p, g, m, v, step=1, lr=1e-2)
+    assert_bitwise([p.view(np.uint16)], [_np_of(tp, "f16").view(np.uint16)])
+    assert np.any(p.view(np.uint16) == 0x7E01) and np.any(p.view(np.uint16) == 0xFF55)
+
+
+def test_simd_modules_need_f16c(monkeypatch):
+    """The avx2 / avx512 modules convert fp16 with F16C: a CPU without it
+    (or a probe that says so) gets the baseline module."""
+    from fastadam import _dispatch
+    feats = dict(_dispatch.cpu_features(), f16c=False)
+    monkeypatch.setattr(_dispatch, "cpu_features", lambda: feats)
+    for isa in ("avx2", "avx512"):
+        ok, why = _dispatch.supported(isa)
+        assert not ok and "f16c" in why
 
 
 # ------------------------------------------------------- every combination vs reference

@@ -2,7 +2,9 @@
 
 Peers, in one process on the same parameters and gradients, interleaved
 (``timing.measure``: medians): ``fastadam-q8`` (``fastadam.functional.adamw8bit``:
-one native call for all arrays), ``fastadam`` (float32 state, the same
+one native call for all arrays), ``fastadam-q8-bf16`` (the same on bfloat16
+copies of the params and grads; the table's "bf16 p,g + q8" row, ~10
+B/element), ``fastadam`` (float32 state, the same
 call shape), ``torch-fused`` (``torch.optim.AdamW(fused=True)``, float32
 state), ``bnb-AdamW8bit`` (``bitsandbytes.optim.AdamW8bit`` on CPU tensors:
 its CPU backend dequantises to float32 tensors, updates with torch ops and
@@ -28,6 +30,9 @@ from . import peers as P
 
 # bytes per element per step: read p, g, m, v; write p, m, v
 Q8_BYTES = 4 + 4 + 1 + 1 + 4 + 1 + 1 + 2 * 2 * 4 / 256
+# bf16 params and grads with 8-bit state: read p, g (2 + 2), write p (2), codes
+# read and written (1 + 1 + 1 + 1), the block scales: ~10 B/elem
+Q8_BF16_BYTES = 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 * 2 * 4 / 256
 F32_BYTES = 28.0
 SMALL_PEERS_MAX = 2**24        # bitsandbytes / torchao: single arrays up to this size
 WD = 1e-2
@@ -53,17 +58,24 @@ def _state_bytes(arrays, n):
     return sum(a.nbytes for a in arrays) / n
 
 
-def _fastadam_q8(c, t):
+def _fastadam_q8(c, t, dtype=None):
+    """fastadam's 8-bit AdamW on the case's arrays (``dtype``: on copies of the
+    params and grads in that dtype, e.g. bfloat16; small arrays keep state
+    of the param's dtype)."""
     from .. import _plan
     from .. import functional as F
-    q8 = [i for i, p in enumerate(c.params) if _plan.state_format(p.dtype, p.size, "q8") == "q8"]
-    f32 = [i for i in range(len(c.params)) if i not in set(q8)]
-    sts = {i: F.new_state8bit(c.params[i].shape) for i in q8}
-    small = {i: (np.zeros_like(c.params[i]), np.zeros_like(c.params[i])) for i in f32}
+    params, grads = c.params, c.grads
+    if dtype is not None:
+        params = [p.astype(dtype) for p in params]
+        grads = [g.astype(dtype) for g in grads]
+    q8 = [i for i, p in enumerate(params) if _plan.state_format(p.dtype, p.size, "q8") == "q8"]
+    f32 = [i for i in range(len(params)) if i not in set(q8)]
+    sts = {i: F.new_state8bit(params[i].shape) for i in q8}
+    small = {i: (np.zeros_like(params[i]), np.zeros_like(params[i])) for i in f32}
     step = {"t": 0}
-    qp, qg = [c.params[i] for i in q8], [c.grads[i] for i in q8]
+    qp, qg = [params[i] for i in q8], [grads[i] for i in q8]
     qs = [[sts[i][k] for i in q8] for k in F._Q8_STATE]
-    fp, fg = [c.params[i] for i in f32], [c.grads[i] for i in f32]
+    fp, fg = [params[i] for i in f32], [grads[i] for i in f32]
     fm, fv = [small[i][0] for i in f32], [small[i][1] for i in f32]
 
     def run():
@@ -74,6 +86,14 @@ def _fastadam_q8(c, t):
             F.adamw(fp, fg, fm, fv, steps=step["t"], lr=P.LR, weight_decay=WD, n_threads=t)
     state = [a for i in q8 for a in sts[i].values()] + [a for m in small.values() for a in m]
     return run, _state_bytes(state, c.n)
+
+
+def _fastadam_q8_bf16(c, t):
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise P.Skip("bfloat16 needs ml_dtypes (pip install ml_dtypes)") from None
+    return _fastadam_q8(c, t, ml_dtypes.bfloat16)
 
 
 def _fastadam_f32(c, t):
@@ -168,12 +188,17 @@ def _torchao(c, t):
 
 PEERS = {
     "fastadam-q8": (_fastadam_q8, "fastadam.functional.adamw8bit (8-bit state, fused)"),
+    "fastadam-q8-bf16": (_fastadam_q8_bf16, "fastadam.functional.adamw8bit on bfloat16 "
+                                            "params and grads (8-bit state)"),
     "fastadam": (_fastadam_f32, "fastadam.functional.adamw (float32 state)"),
     "torch-fused": (_torch_fused, "torch.optim.AdamW(fused=True), float32 state"),
     "bnb-AdamW8bit": (_bnb, "bitsandbytes.optim.AdamW8bit on CPU"),
     "torchao-AdamW8bit": (_torchao, "torchao.optim.AdamW8bit on CPU (torch.compile)"),
 }
-BYTES = {"fastadam-q8": Q8_BYTES, "fastadam": F32_BYTES, "torch-fused": F32_BYTES,
+# the table's name of a row, where it is not the impl's
+LABELS = {"fastadam-q8-bf16": "bf16 p,g + q8"}
+BYTES = {"fastadam-q8": Q8_BYTES, "fastadam-q8-bf16": Q8_BF16_BYTES, "fastadam": F32_BYTES,
+         "torch-fused": F32_BYTES,
          "bnb-AdamW8bit": Q8_BYTES, "torchao-AdamW8bit": Q8_BYTES}
 
 
@@ -207,7 +232,8 @@ def q8_scenario(run):
                                    repeats=max(3, run.repeats_for(c.n)), warmup=1,
                                    label=f"q8 {name} t={t}", probe_bytes=F32_BYTES * c.n)
             for impl, rr in res.items():
-                r = _rec("q8", impl, rr, case=name, arrays=len(shapes), dtype="float32",
+                r = _rec("q8", impl, rr, case=name, arrays=len(shapes),
+                         dtype="bfloat16" if impl == "fastadam-q8-bf16" else "float32",
                          threads=t, n=c.n)
                 med = rr["median"]
                 r.update(ns_per_elem=med / c.n * 1e9, bytes_per_elem=BYTES[impl],
@@ -242,10 +268,11 @@ def q8_tables(recs, fmt_r, table, fmt_pct):
                 vs = "-"
                 if ours and impl != "fastadam-q8":
                     vs = f"{r['median_s'] / ours['median_s']:.2f}x"
-                rows.append([case, impl, fmt_r(r), f"{r['ns_per_elem']:.3g}",
+                rows.append([case, LABELS.get(impl, impl), fmt_r(r), f"{r['ns_per_elem']:.3g}",
                              f"{r['bytes_per_elem']:.4g}", fmt_pct(r),
                              f"{r['state_bytes_per_param']:.3g}", vs])
-        out.append((f"8-bit state (q8), AdamW float32 params, {t} thread{'s' if t > 1 else ''}:"
+        out.append((f"8-bit state (q8), AdamW float32 params (bf16 p,g + q8: bfloat16 params "
+                    f"and grads), {t} thread{'s' if t > 1 else ''}:"
                     " time per step (median); 'q8 speedup' = peer time / fastadam-q8 time",
                     table(["case", "impl", "time", "ns/elem", "B/elem", "% of bound",
                            "state B/param", "q8 speedup"], rows)))
@@ -258,4 +285,4 @@ def describe_bytes():
             f"{F32_BYTES / Q8_BYTES:.2f}x")
 
 
-__all__ = ["q8_scenario", "q8_steps", "q8_tables", "PEERS", "Q8_BYTES"]
+__all__ = ["q8_scenario", "q8_steps", "q8_tables", "PEERS", "Q8_BYTES", "Q8_BF16_BYTES"]

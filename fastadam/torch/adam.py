@@ -99,10 +99,6 @@ class Adam(Stepper, Optimizer):
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         defaults.update(precision_defaults(state_dtype, stochastic_rounding, seed))
-        if defaults.get("state_dtype") == _plan.Q8:
-            raise ValueError(f"{type(self).__name__}: state_dtype='q8' (8-bit state) is "
-                             "fastadam.torch.Adam8bit / AdamW8bit (sparse-gradient parameters "
-                             "included: 8-bit row state)")
         self._init_lock()
         self._fa_fast = {}
         self._fa_dups = {}
@@ -118,6 +114,11 @@ class Adam(Stepper, Optimizer):
         n = len(self.param_groups)
         super().add_param_group(param_group)
         try:
+            if self.param_groups[-1].get("state_dtype") == "q8":
+                raise ValueError(f"{type(self).__name__}: state_dtype='q8' (8-bit state) is "
+                                 "stepped by fastadam.torch.Adam8bit / AdamW8bit, which take "
+                                 "torch.optim.Adam's / AdamW's arguments (sparse-gradient "
+                                 "parameters included: 8-bit row state)")
             for i, p in enumerate(self.param_groups[-1]["params"]):
                 V.check_param(type(self).__name__, p, f"parameter {i} of param group {n}",
                               device=False)

@@ -7,8 +7,10 @@ per parameter of 4096+ elements the state of
 :func:`fastadam.functional.new_state8bit` as tensors -- ``step`` (a float32
 scalar tensor, as torch), ``exp_avg`` / ``exp_avg_sq`` (uint8 codes, the
 parameter's shape), ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` (float32, one
-per block of 256); smaller parameters keep torch's float32 ``exp_avg`` /
-``exp_avg_sq``. The step: zero-copy numpy views, every group planned
+per block of 256); smaller parameters keep torch's ``exp_avg`` /
+``exp_avg_sq`` in the parameter's dtype. float32, bfloat16 and float16
+parameters (the gradient of the parameter's dtype). The step: zero-copy
+numpy views, every group planned
 (:func:`fastadam.functional.plan_adam8bit` for the 8-bit parameters, one
 native call; :func:`fastadam.functional.plan_adam` for the rest) before any
 is run. ``load_state_dict`` checks the 8-bit state and keeps its dtypes
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import Optimizer
 
-from .. import _quant, _threads
+from .. import _interface, _quant, _threads
 from .. import functional as _F
 from .._validate import check_grad_scale, check_hyper, check_state_step
 from . import _views as V
@@ -48,8 +50,14 @@ def _q8_state(p):
     return {k: torch.from_numpy(a) for k, a in _F.new_state8bit(tuple(p.shape)).items()}
 
 
+# parameter dtypes with 8-bit state kernels (torch gradients have the param's dtype)
+_Q8_DTYPES = tuple(dt for dt in (torch.float32, torch.bfloat16, torch.float16)
+                   if dt in V.SUPPORTED
+                   and ("adam_q8",) + (V.dtype_name(dt),) * 2 + ("uint8",) in _interface.KERNELS)
+
+
 def _is_q8(p):
-    return p.dtype == torch.float32 and p.numel() >= _quant.MIN_SIZE
+    return p.dtype in _Q8_DTYPES and p.numel() >= _quant.MIN_SIZE
 
 
 def _check_q8_tensors(name, st, p):
@@ -77,9 +85,11 @@ class Adam8bit(Optimizer):
     The arguments and defaults are ``torch.optim.Adam``'s; ``amsgrad``,
     ``capturable`` and ``differentiable`` must stay False, ``foreach`` and
     ``fused`` are recorded and ignored. Extra keyword: ``n_threads``.
-    float32 CPU parameters of 4096+ elements get 8-bit state (about 2 bytes
-    per parameter instead of 8: see the docs' "8-bit optimizer state"),
-    smaller ones (and float64 ones) float32/float64 state. The update is
+    float32, bfloat16 and float16 CPU parameters of 4096+ elements get 8-bit
+    state (about 2 bytes per parameter instead of 8, or 4 for 16-bit
+    parameters: see the docs' "8-bit optimizer state"), smaller ones (and
+    float64 ones) state of the parameter's dtype; 16-bit parameters are
+    rounded to nearest even. The update is
     :func:`fastadam.functional.adam8bit_step`'s: torch fused's arithmetic on
     the dequantised moments, which are then requantised to the exact nearest
     code; it follows ``torch.optim.Adam`` to the quantisation error, not bit
@@ -179,13 +189,13 @@ class Adam8bit(Optimizer):
                 q8.append(key)
         for g in groups:
             g["state_dtype"] = "q8"
+        # torch casts every state tensor to the parameter's dtype (lossy for the
+        # float32 block scales of a 16-bit parameter): the 8-bit state is put back
+        kept = {params[key]: {k: sd["state"][key][k].detach().clone() for k in _Q8}
+                for key in q8}
         super().load_state_dict(sd)
-        for g in self.param_groups:       # torch cast every state tensor to the param's dtype
-            for p in g["params"]:
-                st = self.state.get(p)
-                if st and "exp_avg_absmax" in st:
-                    for k in ("exp_avg", "exp_avg_sq"):
-                        st[k] = st[k].to(torch.uint8)
+        for p, tensors in kept.items():
+            self.state[p].update(tensors)
 
     # -- the step -------------------------------------------------------------
     def _gather(self, gi, group):

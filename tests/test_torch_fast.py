@@ -174,7 +174,12 @@ def test_rejected_step_on_the_fast_path_writes_nothing():
 
 
 def _one_param(kind, n):
-    """(param, optimizer) with a gradient set: dense AdamW or SparseAdam (a COO grad)."""
+    """(param, optimizer) with a gradient set: dense AdamW, AdamW8bit (8-bit state from
+    4096 elements) or SparseAdam (a COO grad)."""
+    if kind == "q8":
+        p = torch.nn.Parameter(torch.randn(max(n, 4096)))
+        p.grad = torch.randn(max(n, 4096))
+        return p, fat.AdamW8bit([p])
     if kind == "sparse":
         p = torch.nn.Parameter(torch.randn(n, 4))
         p.grad = torch.sparse_coo_tensor(torch.tensor([[0, n - 1, 0]]), torch.randn(3, 4),
@@ -185,7 +190,7 @@ def _one_param(kind, n):
     return p, fat.AdamW([p])
 
 
-@pytest.mark.parametrize("kind", ["dense", "sparse"])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "q8"])
 def test_threads_sharing_one_optimizer_lose_no_step(kind):
     p, opt = _one_param(kind, 64)
     errors = []
@@ -206,7 +211,7 @@ def test_threads_sharing_one_optimizer_lose_no_step(kind):
     assert float(opt.state[p]["step"]) == 400.0
 
 
-@pytest.mark.parametrize("kind", ["dense", "sparse"])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "q8"])
 def test_pickle_and_deepcopy_get_their_own_lock(kind):
     import copy
     import pickle

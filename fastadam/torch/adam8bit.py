@@ -38,6 +38,7 @@ from .. import functional as _F
 from .._validate import check_grad_scale, check_hyper, check_state_step
 from . import _views as V
 from ._state import to_torch_state_dict
+from ._stepper import Stepper
 
 __all__ = ["Adam8bit", "AdamW8bit", "to_bitsandbytes_state", "from_bitsandbytes_state"]
 
@@ -79,7 +80,7 @@ def _check_q8_tensors(name, st, p):
             raise ValueError(f"{name} {k!r} must hold finite values >= 0 (block scales)")
 
 
-class Adam8bit(Optimizer):
+class Adam8bit(Stepper, Optimizer):
     r"""Drop-in for ``torch.optim.Adam`` with 8-bit blockwise state (fused, CPU).
 
     The arguments and defaults are ``torch.optim.Adam``'s; ``amsgrad``,
@@ -116,6 +117,7 @@ class Adam8bit(Optimizer):
                 raise ValueError(f"{cls}: {name}=True is not supported with 8-bit state")
         check_hyper(V.num(lr), tuple(V.num(b) for b in betas), eps, weight_decay)
         self.n_threads = _threads.check(n_threads)
+        self._init_lock()
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=False, maximize=maximize, foreach=foreach, capturable=False,
                         differentiable=False, fused=fused,
@@ -146,6 +148,7 @@ class Adam8bit(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("n_threads", None)
+        self._init_lock()
         self._step_supports_amp_scaling = True
 
     # -- checkpoints ---------------------------------------------------------
@@ -154,7 +157,11 @@ class Adam8bit(Optimizer):
         and ``fastadam.AdamW(state_dtype='q8').state_dict()`` are converted), with
         the 8-bit state checked first (uint8 codes of the parameter's shape,
         finite non-negative float32 block scales; a rejected dict changes
-        nothing) and kept in its dtypes afterwards."""
+        nothing) and kept in its dtypes afterwards. Holds the step lock."""
+        with self._lock:
+            return self._load_state_dict(state_dict)
+
+    def _load_state_dict(self, state_dict):
         cls = type(self).__name__
         sd = to_torch_state_dict(state_dict)
         groups = sd["param_groups"]
@@ -273,9 +280,10 @@ class Adam8bit(Optimizer):
         return p, sv, ops + tuple(state[k].view(shape).numpy() for k in _F32)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def _step(self, closure=None):
         """One optimization step (optionally re-evaluating ``closure``); returns its
-        loss. Every group is checked and planned before any is written; with
+        loss (``step()`` adds torch's hooks and the per-optimizer lock, see
+        :class:`fastadam.torch._stepper.Stepper`). Every group is checked and planned before any is written; with
         ``GradScaler``, ``found_inf`` skips the step and ``grad_scale`` divides
         the gradients inside the kernel."""
         loss = V.run_closure(closure)

@@ -168,3 +168,20 @@ def test_show_config_names_module_and_threads(capsys):
     out = capsys.readouterr().out
     assert f"_kernels_{fa.isa}" in out and "openmp" in out and "threads" in out
     assert "cpu features" in out
+
+
+def test_public_imports_never_load_a_module_the_cpu_lacks():
+    """Importing the public packages loads only the chosen ISA module (a module built
+    for instructions the CPU lacks would die with SIGILL in its init: see
+    docs/reliability.md, Limits)."""
+    code = ("import sys, fastadam, fastadam.functional, fastadam.checkpoint, fastadam.bench\n"
+            "import fastadam.torch\n"
+            "from fastadam import _dispatch as D\n"
+            "mods = sorted(m.rsplit('_', 1)[1] for m in sys.modules\n"
+            "              if m.startswith('fastadam._kernels_'))\n"
+            "print(fastadam.isa, ','.join(mods), ','.join(D.available_modules()))")
+    env = {k: v for k, v in os.environ.items() if k != "FASTADAM_ISA"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    chosen, loaded, avail = r.stdout.split()
+    assert loaded.split(",") == [chosen] and chosen in avail.split(","), r.stdout

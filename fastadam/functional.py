@@ -1374,13 +1374,13 @@ def new_sparse_state8bit(shape: tuple[int, int]) -> dict[str, Array]:
     >>> st["exp_avg"].shape, st["exp_avg_absmax"].shape
     ((1000, 64), (1000, 1))
     """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 2 or min(shape) < 0:
-        raise ValueError(f"shape must be (n_rows, dim) with both >= 0, got {shape}")
-    n_rows, dim = shape
+    dims = tuple(int(s) for s in shape)
+    if len(dims) != 2 or min(dims) < 0:
+        raise ValueError(f"shape must be (n_rows, dim) with both >= 0, got {dims}")
+    n_rows, dim = dims
     nb = (n_rows, _quant.n_blocks(dim))
-    return {"exp_avg": np.full(shape, _quant.SIGNED_ZERO, np.uint8),
-            "exp_avg_sq": np.zeros(shape, np.uint8),
+    return {"exp_avg": np.full(dims, _quant.SIGNED_ZERO, np.uint8),
+            "exp_avg_sq": np.zeros(dims, np.uint8),
             "exp_avg_absmax": np.zeros(nb, np.float32),
             "exp_avg_sq_absmax": np.zeros(nb, np.float32)}
 

@@ -355,7 +355,7 @@ def _sp_fastadam(pre_merged=False, cycling=False):
 def _sp_fastadam_q8(cycling=False):
     """fastadam's sparse step with 8-bit row state (its own state, created here)."""
     def make(c):
-        F = getattr(P.fastadam_mod(), "functional", None)
+        F: Any = getattr(P.fastadam_mod(), "functional", None)
         f = getattr(F, "sparse_adam8bit_step", None)
         if f is None:
             raise P.Skip("fastadam.functional.sparse_adam8bit_step is not in this build yet")

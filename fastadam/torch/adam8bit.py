@@ -283,7 +283,8 @@ class Adam8bit(Stepper, Optimizer):
     def _step(self, closure=None):
         """One optimization step (optionally re-evaluating ``closure``); returns its
         loss (``step()`` adds torch's hooks and the per-optimizer lock, see
-        :class:`fastadam.torch._stepper.Stepper`). Every group is checked and planned before any is written; with
+        :class:`fastadam.torch._stepper.Stepper`). Every group is checked and
+        planned before any is written; with
         ``GradScaler``, ``found_inf`` skips the step and ``grad_scale`` divides
         the gradients inside the kernel."""
         loss = V.run_closure(closure)
@@ -313,9 +314,10 @@ class Adam8bit(Stepper, Optimizer):
             for p, sv, views in sparse:
                 if gs_val is not None:     # the sparse path takes unscaled rows
                     views = views[:2] + ((views[2] / gs_val).astype(views[2].dtype),) + views[3:]
-                planner = _F.plan_sparse_adam8bit if len(views) == 7 else _F.plan_sparse_adam
+                sparse_planner: Any = (_F.plan_sparse_adam8bit if len(views) == 7
+                                       else _F.plan_sparse_adam)
                 step = int(sv) + 1
-                plan += planner(*views, step=step, **kw)
+                plan += sparse_planner(*views, step=step, **kw)
                 counted.append(([sv], [step]))
                 tparams.append(p)
             tparams += tp

@@ -743,7 +743,14 @@ def plan_sparse_adam(table: Array, indices: Array, grad_rows: Array, exp_avg: Ar
                         maximize, row_step, n_threads)
     if not plan:
         return plan
-    _, (_, (table, ids, _, _, _, _, rs, _, _, _)) = plan[0]
+    _, (_, args) = plan[0]
+    _check_ids(args[0], args[1], args[6])
+    return plan
+
+
+def _check_ids(table, ids, rs):
+    """Raise for the first id outside the table or whose row count is negative or at
+    its maximum (the planned call's table, ids and row_step), before any write."""
     n_rows = table.shape[0]
     if int(ids.min()) < 0 or int(ids.max()) >= n_rows:
         raise id_out_of_range(ids, int(np.flatnonzero((ids < 0) | (ids >= n_rows))[0]), n_rows)
@@ -752,18 +759,23 @@ def plan_sparse_adam(table: Array, indices: Array, grad_rows: Array, exp_avg: Ar
         neg = np.flatnonzero((c < 0) | (c == np.iinfo(np.int64).max))
         if neg.size:
             raise negative_row_step(ids, int(neg[0]), rs)
-    return plan
+
+
+def _sparse_status(kernel, args, rs_at):
+    """Run one planned sparse kernel call (row_step at ``args[rs_at]``); turn its
+    status into the error."""
+    status, pos, _ = kernel(*args)
+    if status == 0:
+        return
+    table, indices = args[0], args[1]
+    if status == _SPARSE_BAD_ID:
+        raise id_out_of_range(indices, pos, table.shape[0])
+    raise negative_row_step(indices, pos, args[rs_at])
 
 
 def _run_sparse(kernel, args):
     """Run one planned sparse kernel call; turn its status into the error."""
-    status, pos, _ = kernel(*args)
-    if status == 0:
-        return
-    table, indices, row_step = args[0], args[1], args[6]
-    if status == _SPARSE_BAD_ID:
-        raise id_out_of_range(indices, pos, table.shape[0])
-    raise negative_row_step(indices, pos, row_step)
+    _sparse_status(kernel, args, 6)
 
 
 def _plan_sparse(table, indices, grad_rows, exp_avg, exp_avg_sq, step, lr, betas, eps,
@@ -1500,27 +1512,14 @@ def plan_sparse_adam8bit(table: Array, indices: Array, grad_rows: Array, exp_avg
                             decoupled_weight_decay, maximize, row_step, n_threads)
     if not plan:
         return plan
-    _, (_, (table, ids, _, _, _, _, _, rs, _, _, _, _)) = plan[0]
-    n_rows = table.shape[0]
-    if int(ids.min()) < 0 or int(ids.max()) >= n_rows:
-        raise id_out_of_range(ids, int(np.flatnonzero((ids < 0) | (ids >= n_rows))[0]), n_rows)
-    if rs is not None:
-        c = rs[ids]
-        neg = np.flatnonzero((c < 0) | (c == np.iinfo(np.int64).max))
-        if neg.size:
-            raise negative_row_step(ids, int(neg[0]), rs)
+    _, (_, args) = plan[0]
+    _check_ids(args[0], args[1], args[7])
     return plan
 
 
 def _run_sparse8bit(kernel, args):
     """Run one planned 8-bit sparse kernel call; turn its status into the error."""
-    status, pos, _ = kernel(*args)
-    if status == 0:
-        return
-    table, indices, row_step = args[0], args[1], args[7]
-    if status == _SPARSE_BAD_ID:
-        raise id_out_of_range(indices, pos, table.shape[0])
-    raise negative_row_step(indices, pos, row_step)
+    _sparse_status(kernel, args, 7)
 
 
 def _plan_sparse8bit(table, indices, grad_rows, exp_avg, exp_avg_sq, exp_avg_absmax,

@@ -128,17 +128,22 @@ def _torch_fused(pool, dt, casts):
     for tp, tm, tv in zip(tps, tms, tvs):
         opt.state[tp] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": tm,
                          "exp_avg_sq": tv}
-    if not casts:
-        return opt.step
+    return _with_casts(pool, tps, opt.step) if casts else opt.step
+
+
+def _with_casts(pool, tps, fp32_step):
+    """``fp32_step`` inside the ZeRO-Offload loop's casts: the bf16 grads from the
+    accelerator copied into the float32 params' grads, the bf16 copy sent back."""
+    torch = P.torch_mod()
     g16 = pool.torch("bfloat16")[0]
     c16 = [torch.from_numpy(c.view(np.int16)).view(torch.bfloat16) for c in pool.copies]
     pairs = list(zip(tps, g16, c16))
 
     def step():
-        for tp, tg, _ in pairs:          # bf16 grads from the accelerator -> float32
+        for tp, tg, _ in pairs:
             tp.grad.copy_(tg.grad)
-        opt.step()
-        for tp, _, tc in pairs:          # the bf16 copy sent back
+        fp32_step()
+        for tp, _, tc in pairs:
             tc.copy_(tp)
     return step
 
@@ -160,30 +165,17 @@ def _deepspeed(pool, dt, casts):
     place); the cached optimizer is re-pointed at this peer's params per call,
     so several DeepSpeed peers interleave (their state keys are distinct
     tensors)."""
-    torch = P.torch_mod()
     tps, tms, tvs = pool.torch(dt)
     opt = P.deepspeed_opt(False, tps[0])
     for tp, tm, tv in zip(tps, tms, tvs):
         opt.state[tp] = {"step": 0, "exp_avg": tm, "exp_avg_sq": tv}
     group = opt.param_groups[0]
     plist = list(tps)
-    if not casts:
-        def step():
-            group["params"] = plist
-            opt.step()
-        return step
-    g16 = pool.torch("bfloat16")[0]
-    c16 = [torch.from_numpy(c.view(np.int16)).view(torch.bfloat16) for c in pool.copies]
-    pairs = list(zip(tps, g16, c16))
 
-    def step_casts():
+    def step():
         group["params"] = plist
-        for tp, tg, _ in pairs:          # bf16 grads from the accelerator -> float32
-            tp.grad.copy_(tg.grad)
         opt.step()
-        for tp, _, tc in pairs:          # the bf16 copy sent back
-            tc.copy_(tp)
-    return step_casts
+    return _with_casts(pool, tps, step) if casts else step
 
 
 def precision(run):

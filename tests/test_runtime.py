@@ -185,3 +185,61 @@ def test_public_imports_never_load_a_module_the_cpu_lacks():
     assert r.returncode == 0, r.stderr
     chosen, loaded, avail = r.stdout.split()
     assert loaded.split(",") == [chosen] and chosen in avail.split(","), r.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4)])
+def test_view_at_is_a_read_only_view_that_keeps_its_owner(dtype, shape):
+    """``_runtime.view_at``: the torch layer's per-step grad view (address, like, owner)."""
+    import gc
+    import weakref
+
+    from fastadam import _runtime
+
+    class Owner:
+        def __init__(self, a):
+            self.a = a
+
+    src = np.arange(np.prod(shape), dtype=dtype).reshape(shape) + 1
+    owner = Owner(src)
+    ref = weakref.ref(owner)
+    like = np.zeros(shape, dtype)
+    v = _runtime.view_at(src.ctypes.data, like, owner)
+    assert v.dtype == dtype and v.shape == shape and not v.flags.writeable
+    np.testing.assert_array_equal(v, src)
+    del owner, src
+    gc.collect()
+    assert ref() is not None          # the view holds its owner (and so the memory)
+    assert v.base is ref()
+    np.testing.assert_array_equal(v, np.arange(np.prod(shape), dtype=dtype).reshape(shape) + 1)
+    del v
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(ValueError, match="like"):
+        _runtime.view_at(like.ctypes.data, np.zeros((4, 4)).T, None)
+    with pytest.raises(ValueError, match="address"):
+        _runtime.view_at(0, like, None)
+
+
+def test_step_counter_helpers_check_their_arrays():
+    """``common_step`` / ``set_steps`` take raw addresses: wrong arrays raise, never read."""
+    from fastadam import _runtime
+
+    steps = np.array([3.0, 3.0], np.float32)
+    s64 = np.array([7.0])
+    ptrs = np.array([steps.ctypes.data, steps.ctypes.data + 4, s64.ctypes.data], np.int64)
+    is64 = np.array([0, 0, 1], np.int8)
+    assert _runtime.common_step(ptrs, is64) == -1.0
+    _runtime.set_steps(ptrs, is64, 4.0)
+    assert steps.tolist() == [4.0, 4.0] and s64.tolist() == [4.0]
+    assert _runtime.common_step(ptrs, is64) == 4.0
+    for bad_ptrs, bad_is64, name in [(ptrs.astype(np.int32), is64, "ptrs"),
+                                     (ptrs[::2], is64[:2], "ptrs"),
+                                     (ptrs, is64.astype(bool), "is64")]:
+        with pytest.raises(TypeError, match=name):
+            _runtime.common_step(bad_ptrs, bad_is64)
+        with pytest.raises(TypeError, match=name):
+            _runtime.set_steps(bad_ptrs, bad_is64, 9.0)
+    with pytest.raises(ValueError, match="length"):
+        _runtime.common_step(ptrs, is64[:2])
+    assert steps.tolist() == [4.0, 4.0] and s64.tolist() == [4.0]

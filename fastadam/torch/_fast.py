@@ -74,6 +74,7 @@ class GroupRecord:
     __slots__ = ("params", "n_params", "entries", "amsgrad", "pdt", "np_dtype", "single",
                  "kernel", "tparams", "ptrs", "offsets", "negs", "bc2s", "sptrs", "s64",
                  "out_lo", "out_hi_max", "gbytes", "last_gptrs", "garr", "work", "views",
+                 "glike",
                  "hkey", "hval", "sparse", "sparse_params")
 
     params: Any
@@ -98,6 +99,7 @@ class GroupRecord:
     garr: Any
     work: Any
     views: Any
+    glike: Any
     hkey: Any
     hval: Any
     sparse: Any
@@ -136,9 +138,10 @@ class GroupRecord:
                 self.garr, self.last_gptrs = garr, gptrs
             nt = _threads.resolve(n_threads, self.work)
             if self.single:
-                g = self.tparams[0].grad
-                pv, mv, vv, xv, cvt = self.views
-                gv = cvt(g)
+                pv, mv, vv, xv = self.views
+                # the grad's address, dtype, shape and layout were checked above:
+                # a view like the param's over it (Tensor.numpy() costs ~2 us)
+                gv = _runtime.view_at(gptrs[0], self.glike, self.tparams[0].grad)
                 calls.append((self.kernel, (pv, gv, mv, vv, xv, args + (neg, bc2), flags, nt)))
             else:
                 self.negs.fill(neg)
@@ -327,5 +330,7 @@ def build(gi, group, state_of, tparams, ps, sparse, dups) -> Optional[GroupRecor
         st = sts[0]
         cvt = V.np_view if tparams[0].is_contiguous() else V.flat_np_view
         rec.views = (ps[0], cvt(st["exp_avg"]), cvt(st["exp_avg_sq"]),
-                     cvt(st["max_exp_avg_sq"]) if amsgrad else None, cvt)
+                     cvt(st["max_exp_avg_sq"]) if amsgrad else None)
+        # the template of the per-step grad view (runtime.view_at): C-contiguous
+        rec.glike = ps[0] if ps[0].flags.c_contiguous else V.flat_np_view(tparams[0])
     return rec

@@ -245,6 +245,18 @@ def to_scalar(x):
     return x.item() if hasattr(x, "item") else x
 
 
+def check_state_keys(name, st, keys, what):
+    """A checkpoint entry ``st`` of ``name`` holds ``step`` and exactly ``keys``
+    (``what``: the layout's name in the messages), else ValueError."""
+    unknown = [k for k in st if k != "step" and k not in keys]
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown} ({what}: step, "
+                         f"{', '.join(keys)})")
+    missing = [k for k in ("step",) + tuple(keys) if k not in st]
+    if missing:
+        raise ValueError(f"{name} lacks {missing} ({what})")
+
+
 def check_state_step(value, name="step"):
     """A checkpoint's ``step`` (int, integral float, numpy scalar or 0-d
     tensor) as an int in ``[0, MAX_STEP]`` (0: state created, never stepped)."""

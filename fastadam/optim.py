@@ -27,6 +27,7 @@ from ._validate import (
     check_buffer,
     check_grad_scale,
     check_hyper,
+    check_state_keys,
     check_state_step,
     same_dtype,
     to_numpy,
@@ -593,13 +594,7 @@ def _check_q8_state(name, st, p):
     ``exp_avg_sq`` of its shape (any code is valid), float32 finite >= 0
     ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` of one value per block."""
     keys = ("exp_avg", "exp_avg_sq") + _Q8_KEYS
-    unknown = [k for k in st if k != "step" and k not in keys]
-    if unknown:
-        raise ValueError(f"{name} has unknown keys {unknown} (8-bit state: step, "
-                         f"{', '.join(keys)})")
-    missing = [k for k in ("step",) + keys if k not in st]
-    if missing:
-        raise ValueError(f"{name} lacks {missing} (8-bit state)")
+    check_state_keys(name, st, keys, "8-bit state")
     ns: dict[str, Any] = {"step": check_state_step(st["step"], f"{name} 'step'")}
     nb = (F._quant.n_blocks(p.size),)
     for k in keys:

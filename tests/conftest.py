@@ -60,6 +60,32 @@ def copies(arrays):
     return [None if a is None else a.copy() for a in arrays]
 
 
+def q8_trajectory(cls, ps, grads, kw, steps=3, lr=1e-2):
+    """Step ``cls(ps, state_dtype="q8", lr=lr, **kw)`` ``steps`` times on
+    ``grads(rng, ps)`` and the same from copies by the references (the 8-bit
+    reference for arrays of ``MIN_SIZE``+ elements, ``fastadam.adam_step``
+    below); returns ``(opt, reference params, reference states)``."""
+    from fastadam import _quant as Q
+    from fastadam import _reference as R
+    from fastadam import functional as F
+    opt = cls(ps, lr=lr, state_dtype="q8", **kw)
+    ref = [p.copy() for p in ps]
+    ref_st = [F.new_state8bit(p.shape) if p.size >= Q.MIN_SIZE else
+              {"exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)} for p in ps]
+    decoupled = cls is fastadam.AdamW
+    rng = np.random.default_rng(1)
+    for t in range(1, steps + 1):
+        gs = grads(rng, ps)
+        opt.step(gs)
+        for p, g, st in zip(ref, gs, ref_st):
+            if "exp_avg_absmax" in st:
+                R.adam8bit(p, g, **st, step=t, lr=lr, decoupled_weight_decay=decoupled, **kw)
+            else:
+                fastadam.adam_step(p, g, st["exp_avg"], st["exp_avg_sq"], step=t, lr=lr,
+                                   decoupled_weight_decay=decoupled, **kw)
+    return opt, ref, ref_st
+
+
 def assert_bitwise(actual, expected, what=""):
     """Equal bit for bit (NaN payloads included)."""
     for i, (a, e) in enumerate(zip(actual, expected)):
@@ -74,6 +100,16 @@ def assert_bitwise(actual, expected, what=""):
             j = bad[0]
             raise AssertionError(f"{what} buffer {i}: {bad.size} elements differ, first at "
                                  f"{j}: {a.ravel()[j]!r} != {e.ravel()[j]!r}")
+
+
+def assert_rejected(exc, match, bufs, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` raises ``exc`` matching ``match`` and leaves every
+    array of ``bufs`` (a dict or a list) bit-identical."""
+    arrays = list(bufs.values()) if isinstance(bufs, dict) else list(bufs)
+    before = copies(arrays)
+    with pytest.raises(exc, match=match):
+        fn(*args, **kwargs)
+    assert_bitwise(arrays, before, "after a rejected call")
 
 
 def assert_close(actual, expected, dtype, ulps=None):

@@ -4,7 +4,7 @@ the numpy reference bit for bit (every ISA module, thread counts, one and
 many arrays), the quantisation error bound, and rejected calls."""
 import numpy as np
 import pytest
-from conftest import assert_bitwise, importable_isas, isa_module
+from conftest import assert_bitwise, assert_rejected, importable_isas, isa_module
 
 from fastadam import _interface as I
 from fastadam import _quant as Q
@@ -264,10 +264,7 @@ def test_bad_buffer_rejected_nothing_written(name, make, exc):
 ])
 def test_bad_hyperparameter_rejected_nothing_written(kw, exc, frag):
     b = _args()
-    before = [v.copy() for v in b.values()]
-    with pytest.raises(exc, match=frag):
-        F.adam8bit_step(**b, **{"step": 2, **kw})
-    assert_bitwise(list(b.values()), before)
+    assert_rejected(exc, frag, b, F.adam8bit_step, **b, **{"step": 2, **kw})
 
 
 def test_aliasing_rejected_nothing_written():

@@ -6,7 +6,7 @@ combinations refused before anything is written, the numpy optimizers and
 the torch drop-ins (trajectories, state dicts, checkpoints)."""
 import numpy as np
 import pytest
-from conftest import importable_isas
+from conftest import importable_isas, q8_trajectory
 
 import fastadam as fa
 from fastadam import _interface as I
@@ -222,21 +222,7 @@ def _grads(rng, ps):
                                     (fa.Adam, {"weight_decay": 0.01, "maximize": True})])
 def test_optimizer_trajectory_equals_reference(dt, cls, kw):
     ps = _params(dt)
-    opt = cls(ps, lr=1e-2, state_dtype="q8", **kw)
-    ref = [p.copy() for p in ps]
-    ref_st = [F.new_state8bit(p.shape) if p.size >= Q.MIN_SIZE else
-              {"exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)} for p in ps]
-    decoupled = cls is fa.AdamW
-    rng = np.random.default_rng(1)
-    for t in range(1, 4):
-        gs = _grads(rng, ps)
-        opt.step(gs)
-        for p, g, st in zip(ref, gs, ref_st):
-            if "exp_avg_absmax" in st:
-                R.adam8bit(p, g, **st, step=t, lr=1e-2, decoupled_weight_decay=decoupled, **kw)
-            else:
-                fa.adam_step(p, g, st["exp_avg"], st["exp_avg_sq"], step=t, lr=1e-2,
-                             decoupled_weight_decay=decoupled, **kw)
+    opt, ref, ref_st = q8_trajectory(cls, ps, _grads, kw)
     assert_bits(ps, ref)
     sd = opt.state_dict()
     assert sd["param_groups"][0]["state_dtype"] == "q8"

@@ -5,11 +5,10 @@ load resume bit-identically, bad options and bad checkpoints rejected
 without changing anything."""
 import numpy as np
 import pytest
-from conftest import assert_bitwise
+from conftest import assert_bitwise, q8_trajectory
 
 import fastadam as fa
 from fastadam import _quant as Q
-from fastadam import _reference as R
 from fastadam import functional as F
 
 F32 = np.float32
@@ -29,21 +28,7 @@ def _grads(rng, ps):
                                     (fa.Adam, {"weight_decay": 0.01, "maximize": True})])
 def test_trajectory_equals_reference(cls, kw):
     ps = _params()
-    opt = cls(ps, lr=1e-2, state_dtype="q8", **kw)
-    ref = [p.copy() for p in ps]
-    ref_st = [F.new_state8bit(p.shape) if p.size >= Q.MIN_SIZE else
-              {"exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)} for p in ps]
-    decoupled = cls is fa.AdamW
-    rng = np.random.default_rng(1)
-    for t in range(1, 4):
-        gs = _grads(rng, ps)
-        opt.step(gs)
-        for p, g, st in zip(ref, gs, ref_st):
-            if "exp_avg_absmax" in st:
-                R.adam8bit(p, g, **st, step=t, lr=1e-2, decoupled_weight_decay=decoupled, **kw)
-            else:
-                fa.adam_step(p, g, st["exp_avg"], st["exp_avg_sq"], step=t, lr=1e-2,
-                             decoupled_weight_decay=decoupled, **kw)
+    opt, ref, ref_st = q8_trajectory(cls, ps, _grads, kw)
     assert_bitwise(ps, ref)
     sd = opt.state_dict()
     assert sd["param_groups"][0]["state_dtype"] == "q8"

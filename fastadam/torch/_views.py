@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _interface
-from .._validate import KERNEL_DTYPES, check_state_step
+from .._validate import KERNEL_DTYPES, check_state_keys, check_state_step
 
 
 def dtype_name(dtype):
@@ -401,13 +401,7 @@ def check_q8_rows_loaded(name, st, p):
     keys only, uint8 codes of ``p``'s shape, float32 scales ``(rows, nb)``
     with ``rows`` dividing ``p.numel()`` and ``nb = ceil(numel / rows / 256)``,
     finite and >= 0. The table shape follows from the scales."""
-    unknown = [k for k in st if k != "step" and k not in Q8_ROW_KEYS]
-    if unknown:
-        raise ValueError(f"{name} has unknown keys {unknown} (8-bit row state: step, "
-                         f"{', '.join(Q8_ROW_KEYS)})")
-    missing = [k for k in ("step",) + Q8_ROW_KEYS if k not in st]
-    if missing:
-        raise ValueError(f"{name} lacks {missing} (8-bit row state)")
+    check_state_keys(name, st, Q8_ROW_KEYS, "8-bit row state")
     check_state_step(step_value(st["step"], f"{name} 'step'"), f"{name} 'step'")
     for k in Q8_ROW_KEYS:
         if not isinstance(st[k], torch.Tensor) or st[k].is_meta:

@@ -71,3 +71,34 @@ def test_unique_ids_independent_of_bucket_layout():
     for dim in (1, 24, 4096):          # 2, 32 and 512 buckets
         u, c = K.sparse_unique(ids, 50_000, dim)
         assert len(u) == len(want) and dict(zip(u, c)) == want
+
+
+def test_stall_rule_waits_off_core_time_and_slow_decay():
+    """The back-off rule (``_stall_record``): a long barrier wait or the caller off its
+    core for a third of the call is a stall; the back-off doubles per stall, up to
+    1024, and halves only after 8 clean threaded calls in a row."""
+    K.sparse_stalls(serial_calls=0)
+    for _ in range(12):                              # clean calls: back-off at its floor
+        K.sparse_stall_note(1e-3, 1e-5, 1e-5, 1e-3)
+    n0, skip, b0 = K.sparse_stalls()
+    assert skip == 0 and b0 == 4
+    n, skip, b = K.sparse_stall_note(1e-3, 2e-3, 0.0, 3e-3)      # waited longer than worked
+    assert (n, skip, b) == (n0 + 1, 4, 8)
+    n, skip, b = K.sparse_stall_note(3e-3, 0.0, 1.5e-3, 3e-3)    # preempted half the call
+    assert (n, skip, b) == (n0 + 2, 8, 16)
+    n, skip, b = K.sparse_stall_note(3e-3, 0.0, 0.5e-3, 3e-3)    # a sixth: not a stall
+    assert (n, b) == (n0 + 2, 16)
+    n, skip, b = K.sparse_stall_note(1e-5, 5e-5, 1e-5, 6e-5)     # under 100 us: not a stall
+    assert (n, b) == (n0 + 2, 16)
+    for _ in range(5):                               # 7 clean in a row: no decay yet
+        n, skip, b = K.sparse_stall_note(1e-3, 0.0, 0.0, 1e-3)
+    assert b == 16
+    n, skip, b = K.sparse_stall_note(1e-3, 0.0, 0.0, 1e-3)       # the 8th halves it
+    assert b == 8
+    for _ in range(12):
+        K.sparse_stall_note(1e-3, 2e-3, 0.0, 3e-3)
+    assert K.sparse_stalls()[2] == 1024              # capped
+    K.sparse_stalls(serial_calls=0)
+    for _ in range(8 * 9):                           # decays back to the floor
+        K.sparse_stall_note(1e-3, 0.0, 0.0, 1e-3)
+    assert K.sparse_stalls()[1:] == (0, 4)

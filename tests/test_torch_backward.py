@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fastadam import torch as fat  # noqa: E402
+from fastadam.torch import _backward  # noqa: E402
 
 
 def _model(seed=0):
@@ -48,12 +49,17 @@ def _usual(steps, cls=fat.AdamW, sched=None, clip=None, **kw):
     return model, opt
 
 
+@pytest.mark.parametrize("defer_below", [0, 2048, _backward.DEFER_BELOW],
+                         ids=["in-hook", "mixed", "default"])
 @pytest.mark.parametrize("cls,kw", [(fat.AdamW, dict(lr=1e-2, weight_decay=0.1)),
                                     (fat.Adam, dict(lr=3e-3, amsgrad=True, weight_decay=0.01))])
-def test_bitwise_the_usual_loop_on_a_transformer(cls, kw):
+def test_bitwise_the_usual_loop_on_a_transformer(cls, kw, defer_below):
     ref, _ = _usual(4, cls, **kw)
     model = _model()
-    sib = fat.step_in_backward(model, cls, **kw)
+    sizes = [p.numel() for p in model.parameters()]
+    if defer_below == 2048:   # both paths taken: some parameters deferred, some not
+        assert min(sizes) < 2048 <= max(sizes)
+    sib = fat.step_in_backward(model, cls, defer_below=defer_below, **kw)
     for s in range(4):
         _loss(model, s).backward()
         assert all(p.grad is None for p in model.parameters())
@@ -129,6 +135,8 @@ def test_frozen_parameters_groups_and_remove():
     ((torch.zeros(3, requires_grad=True),), {}, TypeError, "a tensor"),
     (([],), {}, ValueError, "no parameters"),
     ((torch.nn.Linear(2, 2),), {"max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
+    ((torch.nn.Linear(2, 2),), {"defer_below": -1}, ValueError, "defer_below"),
+    ((torch.nn.Linear(2, 2),), {"defer_below": 1.5}, ValueError, "defer_below"),
 ])
 def test_bad_arguments(args, kw, err, match):
     with pytest.raises(err, match=match):
@@ -160,3 +168,41 @@ def test_step_in_backward_saves_the_gradients_peak_memory():
     assert rec["usual"]["extra_peak_bytes"] >= grads - largest, rec
     saved = rec["usual"]["extra_peak_bytes"] - rec["in-backward"]["extra_peak_bytes"]
     assert saved >= grads - 2 * largest, rec
+
+
+def test_deferred_small_parameters_step_when_backward_ends_and_after_a_failed_one():
+    """Small parameters are stepped by the end-of-backward callback (in the same
+    backward, their grads freed); a backward that raises leaves its deferred
+    parameters unstepped, and the next backward steps every parameter once."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.Linear(300, 4))
+    sib = fat.step_in_backward(model, lr=1e-2, defer_below=1000)   # biases deferred
+    steps = {}
+
+    def count():
+        return {n: float(sib.optimizers[p].state[p]["step"]) if p in sib.optimizers[p].state
+                else 0.0 for n, p in model.named_parameters()}
+
+    x = torch.randn(5, 8)
+    model(x).sum().backward()
+    assert count() == {"0.weight": 1.0, "0.bias": 1.0, "1.weight": 1.0, "1.bias": 1.0}
+    assert all(p.grad is None for p in model.parameters())
+
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("boom")
+
+    # the error is raised after layer 1's hooks ran (its bias deferred), before layer 0's
+    with pytest.raises(RuntimeError, match="boom"):
+        model[1](Boom.apply(model[0](x))).sum().backward()
+    steps = count()
+    assert steps["1.weight"] == 2.0 and steps["1.bias"] == 1.0      # deferred: not stepped
+    assert steps["0.weight"] == 1.0 and steps["0.bias"] == 1.0
+    sib.zero_grad()
+    model(x).sum().backward()
+    assert count() == {"0.weight": 2.0, "0.bias": 2.0, "1.weight": 3.0, "1.bias": 2.0}
+    assert all(p.grad is None for p in model.parameters())

@@ -4,9 +4,14 @@ Contract: :func:`step_in_backward` follows torch's recipe ("How to save
 memory by fusing the optimizer step into the backward pass"): one optimizer
 per parameter, stepped by a ``register_post_accumulate_grad_hook`` as soon as
 that parameter's gradient is complete, which then frees the gradient
-(``p.grad = None``). So at most one gradient (plus autograd's in-flight
+(``p.grad = None``). So at most one large gradient (plus autograd's in-flight
 ones) is alive at a time instead of all of them, and the step reads the
-gradient while it is still in cache. Each per-parameter optimizer takes the
+gradient while it is still in cache. Parameters under ``defer_below``
+elements (biases, norms) are stepped together when ``backward()`` ends
+(``queue_callback``; found by autograd's graph-task id, so a backward that
+raised leaves them unstepped and the next one starts afresh): their
+gradients are small, and between autograd's kernels each step would pay
+its Python glue with cold caches. Each per-parameter optimizer takes the
 recorded fast step (:mod:`fastadam.torch._fast`), so the result is bit for
 bit the usual backward-then-``step()`` loop's for the same options.
 
@@ -24,7 +29,15 @@ import torch
 
 from .adam import AdamW
 
-__all__ = ["step_in_backward", "StepInBackward"]
+__all__ = ["step_in_backward", "StepInBackward", "DEFER_BELOW"]
+
+#: parameters with fewer elements are stepped at the end of ``backward()``, together
+DEFER_BELOW = 65536
+
+
+def _graph_task_id():
+    """Autograd's id of the running ``backward()`` (torch.utils.checkpoint uses it)."""
+    return torch._C._current_graph_task_id()
 
 
 def _groups(model_or_params):
@@ -57,12 +70,19 @@ class StepInBackward:
     """
 
     def __init__(self, model_or_params, optimizer_class=AdamW, *,
-                 max_grad_norm: Optional[float] = None, **kwargs: Any):
+                 max_grad_norm: Optional[float] = None, defer_below: int = DEFER_BELOW,
+                 **kwargs: Any):
         self._groups = _groups(model_or_params)
         if max_grad_norm is not None and not (float(max_grad_norm) > 0.0):
             raise ValueError(f"step_in_backward: max_grad_norm must be > 0 or None, got "
                              f"{max_grad_norm!r}")
+        if type(defer_below) is not int or defer_below < 0:
+            raise ValueError(f"step_in_backward: defer_below must be an int >= 0, got "
+                             f"{defer_below!r}")
         self.max_grad_norm = max_grad_norm
+        self.defer_below = defer_below
+        self._pending: list[torch.Tensor] = []
+        self._task: Optional[int] = None
         self.optimizer_class = optimizer_class
         self.kwargs = kwargs
         self.optimizers: dict[torch.Tensor, Any] = {}
@@ -89,10 +109,31 @@ class StepInBackward:
         return [o.param_groups[0] for o in self.optimizers.values()]
 
     def _hook(self, p):
+        if p.numel() < self.defer_below:
+            # small: stepped with the other small ones once backward ends (its
+            # gradient's memory is small; stepping it here costs the glue with
+            # caches cold from autograd's kernels, ~0.1-0.2 ms)
+            task = _graph_task_id()
+            if task != self._task:       # the first deferred one of this backward()
+                self._task = task
+                self._pending = []       # left by a backward() that raised: not stepped
+                torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+            self._pending.append(p)
+            return
+        self._step_one(p)
+
+    def _step_one(self, p):
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         self.optimizers[p].step()
         p.grad = None                  # free the gradient now
+
+    def _flush(self):
+        """End of backward: step the deferred small parameters, in hook order."""
+        pending, self._pending, self._task = self._pending, [], None
+        for p in pending:
+            if p.grad is not None:
+                self._step_one(p)
 
     def remove(self):
         """Remove the hooks: ``backward()`` only accumulates gradients again."""
@@ -175,7 +216,8 @@ class _Schedulers:
 
 
 def step_in_backward(model_or_params, optimizer_class=AdamW, *,
-                     max_grad_norm: Optional[float] = None, **kwargs: Any) -> StepInBackward:
+                     max_grad_norm: Optional[float] = None, defer_below: int = DEFER_BELOW,
+                     **kwargs: Any) -> StepInBackward:
     """Step every parameter inside ``backward()``, as soon as its gradient is accumulated.
 
     Parameters
@@ -190,6 +232,12 @@ def step_in_backward(model_or_params, optimizer_class=AdamW, *,
         (``clip_grad_norm_([p], max_grad_norm)``). Global-norm clipping over all
         parameters is impossible here: a parameter steps before the others'
         gradients exist.
+    defer_below : int, default 65536
+        Parameters with fewer elements (biases, norms) are not stepped in their
+        hook but one after another when ``backward()`` ends (through autograd's
+        ``queue_callback``): their gradients are small, and a step run between
+        autograd's kernels pays its Python glue with cold caches (~0.1-0.2 ms
+        each). The bits do not change. 0: every parameter in its own hook.
     **kwargs
         The optimizer's arguments (``lr``, ``betas``, ``weight_decay``, ...).
 
@@ -220,4 +268,4 @@ def step_in_backward(model_or_params, optimizer_class=AdamW, *,
     (True, 1.0)
     """
     return StepInBackward(model_or_params, optimizer_class, max_grad_norm=max_grad_norm,
-                          **kwargs)
+                          defer_below=defer_below, **kwargs)

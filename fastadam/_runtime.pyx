@@ -348,12 +348,17 @@ def first_conflict(const int64_t[::1] lo, const int64_t[::1] nbytes, const signe
 
 # ------------------------------------------------- torch layer: scalar steps, grad ranges
 
-cdef inline int _need(cnp.ndarray a, int typenum, str name) except -1:
-    """``a`` C-contiguous of ``typenum`` (the raw-address helpers below take
+cdef inline Py_ssize_t _counters(cnp.ndarray ptrs, cnp.ndarray is64) except -1:
+    """The number of step counters: ``ptrs`` C-contiguous int64 and ``is64`` int8
+    of its length, else TypeError / ValueError (the raw-address helpers below take
     ndarrays, not memoryviews: a memoryview argument costs ~0.4 us a call)."""
-    if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a):
-        raise TypeError(f"{name} must be a C-contiguous {cnp.PyArray_DescrFromType(typenum)} array")
-    return 0
+    for a, typenum, name in ((ptrs, cnp.NPY_INT64, "ptrs"), (is64, cnp.NPY_INT8, "is64")):
+        if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+            raise TypeError(f"{name} must be a C-contiguous "
+                            f"{cnp.PyArray_DescrFromType(typenum)} array")
+    if cnp.PyArray_SIZE(is64) != cnp.PyArray_SIZE(ptrs):
+        raise ValueError("ptrs and is64 differ in length")
+    return cnp.PyArray_SIZE(ptrs)
 
 
 def common_step(cnp.ndarray ptrs, cnp.ndarray is64):
@@ -361,14 +366,10 @@ def common_step(cnp.ndarray ptrs, cnp.ndarray is64):
     float32, or float64 where ``is64[i]`` (int8), counter) when they all hold
     the same one, else -1.0 (0 counters: -1.0). The addresses are the live
     ``data_ptr()`` of the state tensors, checked by the caller in the same step."""
-    _need(ptrs, cnp.NPY_INT64, "ptrs")
-    _need(is64, cnp.NPY_INT8, "is64")
-    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(ptrs)
+    cdef Py_ssize_t i, n = _counters(ptrs, is64)
     cdef const int64_t* pp = <const int64_t*>cnp.PyArray_DATA(ptrs)
     cdef const signed char* w = <const signed char*>cnp.PyArray_DATA(is64)
     cdef double v, first = -1.0
-    if cnp.PyArray_SIZE(is64) != n:
-        raise ValueError("ptrs and is64 differ in length")
     for i in range(n):
         if w[i]:
             v = (<const double*><intptr_t>pp[i])[0]
@@ -384,13 +385,9 @@ def common_step(cnp.ndarray ptrs, cnp.ndarray is64):
 def set_steps(cnp.ndarray ptrs, cnp.ndarray is64, double value):
     """Write ``value`` into every 0-d step counter at ``ptrs`` (as
     :func:`common_step` reads them), rounded once to each counter's dtype."""
-    _need(ptrs, cnp.NPY_INT64, "ptrs")
-    _need(is64, cnp.NPY_INT8, "is64")
-    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(ptrs)
+    cdef Py_ssize_t i, n = _counters(ptrs, is64)
     cdef const int64_t* pp = <const int64_t*>cnp.PyArray_DATA(ptrs)
     cdef const signed char* w = <const signed char*>cnp.PyArray_DATA(is64)
-    if cnp.PyArray_SIZE(is64) != n:
-        raise ValueError("ptrs and is64 differ in length")
     for i in range(n):
         if w[i]:
             (<double*><intptr_t>pp[i])[0] = value

@@ -78,7 +78,7 @@ def test_stall_rule_waits_off_core_time_and_slow_decay():
     core for a third of the call is a stall; the back-off doubles per stall, up to
     1024, and halves only after 8 clean threaded calls in a row."""
     K.sparse_stalls(serial_calls=0)
-    for _ in range(12):                              # clean calls: back-off at its floor
+    for _ in range(8 * 9):        # clean calls: from any earlier back-off (<= 1024) to 4
         K.sparse_stall_note(1e-3, 1e-5, 1e-5, 1e-3)
     n0, skip, b0 = K.sparse_stalls()
     assert skip == 0 and b0 == 4

@@ -221,6 +221,23 @@ def test_view_at_is_a_read_only_view_that_keeps_its_owner(dtype, shape):
         _runtime.view_at(0, like, None)
 
 
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_view_at_rows_replaces_the_first_dimension(rows):
+    """``rows``: the sparse gradient's per-step views (ids, value rows), whose count
+    changes each step, from one template of the trailing shape."""
+    from fastadam import _runtime
+
+    src = np.arange(5 * 3 * 2, dtype=np.float32).reshape(5, 3, 2).copy()
+    v = _runtime.view_at(src.ctypes.data, np.zeros((0, 3, 2), np.float32), src, rows)
+    assert v.shape == (rows, 3, 2) and not v.flags.writeable and v.base is src
+    np.testing.assert_array_equal(v, src[:rows])
+    ids = np.array([4, 0, 7, 7, 2], np.int64)
+    iv = _runtime.view_at(ids.ctypes.data, np.empty(0, np.int64), ids, rows)
+    np.testing.assert_array_equal(iv, ids[:rows])
+    with pytest.raises(ValueError, match="rows"):
+        _runtime.view_at(src.ctypes.data, np.zeros((), np.float32), src, 2)
+
+
 def test_step_counter_helpers_check_their_arrays():
     """``common_step`` / ``set_steps`` take raw addresses: wrong arrays raise, never read."""
     from fastadam import _runtime

@@ -48,7 +48,8 @@ STEP_DTYPES = (torch.float32, torch.float64)
 # data addresses of the state tensors the views were made from: ``t.data = other``
 # keeps a tensor's identity but moves its storage, and must send the step back to
 # the checked, re-viewed path.
-SViews = namedtuple("SViews", "m v data_ptr dtype shape table_np m_np v_np ptrs")
+# vlike: table_np[:0], the template of the per-step gradient rows view (view_at)
+SViews = namedtuple("SViews", "m v data_ptr dtype shape table_np m_np v_np ptrs vlike")
 
 
 

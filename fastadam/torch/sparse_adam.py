@@ -16,10 +16,11 @@ which validates everything (ids in its merge pass) before it writes.
 parameters take the checked path every step (no cached views).
 """
 
+import numpy as np
 import torch
 from torch.optim.optimizer import Optimizer
 
-from .. import _plan, _threads
+from .. import _plan, _runtime, _threads
 from .. import functional as _F
 from .._validate import check_state_step
 from ..functional import plan_sparse_adam, sparse_adam_step
@@ -31,6 +32,7 @@ __all__ = ["SparseAdam"]
 
 _num = V.num
 _BF16 = torch.bfloat16
+_IDS_LIKE = np.empty(0, dtype=np.int64)   # view_at's template of the ids
 
 
 class SparseAdam(Stepper, Optimizer):
@@ -133,7 +135,6 @@ class SparseAdam(Stepper, Optimizer):
         with self._lock:
             load_checked(self, load, state_dict, sparse=True)
 
-    @torch.no_grad()
     def _step(self, closure=None):
         """The step (``step()`` adds torch's hooks and the lock, see
         :class:`fastadam.torch._stepper.Stepper`: threads sharing the optimizer
@@ -153,8 +154,10 @@ class SparseAdam(Stepper, Optimizer):
             for i, p, g in V.stepped("SparseAdam", self._fa_dups, gi, params):
                 # Fast path: p stepped before, same state tensors, same memory, a
                 # COO gradient over the first dimension (nn.Embedding's): reuse the
-                # validated numpy views; only the gradient is viewed afresh. Every
-                # torch call counts here: the kernel leaves the caches cold.
+                # validated numpy views; only the gradient is viewed afresh, by
+                # address (_runtime.view_at: no Tensor.numpy()). Every torch call
+                # counts here: the kernel leaves the caches cold (~5-15 us each).
+                # No autograd op runs on this path (no no_grad context needed).
                 c = cache.get(p)
                 if c is not None:
                     state = state_of.get(p)
@@ -167,55 +170,25 @@ class SparseAdam(Stepper, Optimizer):
                         ix = g._indices()
                         vals = g._values()
                         if ix.is_contiguous() and vals.is_contiguous():
-                            if vals.requires_grad:
+                            ids = vn = None
+                            if c.dtype is not _BF16:
+                                nnz = vals.shape[0]
+                                vp, ip = vals.data_ptr(), ix.data_ptr()
+                                if nnz == ix.shape[1] and vp and ip:
+                                    vn = _runtime.view_at(vp, c.vlike, vals, nnz)
+                                    ids = _runtime.view_at(ip, _IDS_LIKE, ix, nnz)
+                            if vn is None:   # bfloat16 rows widened, or no rows
                                 vals = vals.detach()
-                            vn = (vals.float() if c.dtype is _BF16 else vals).numpy()
-                            vn = vn.reshape(vn.shape[0], c.table_np.shape[1])
+                                vn = (vals.float() if c.dtype is _BF16 else vals).numpy()
+                                vn = vn.reshape(vn.shape[0], c.table_np.shape[1])
+                                ids = ix.numpy()[0]
                             if type(state["step"]) is not int:
                                 _int_step(state, gi, i)
-                            work.append((group, state, (c.table_np, ix.numpy()[0], vn,
+                            work.append((group, state, (c.table_np, ids, vn,
                                                         c.m_np, c.v_np), p))
                             continue
                     del cache[p]
-                where = f"parameter {i} of param group {gi}"
-                if not g.is_sparse:
-                    raise RuntimeError("SparseAdam does not support dense gradients, please "
-                                       "consider Adam instead")
-                V.check_param("SparseAdam", p, where)
-                if g.device.type != "cpu":
-                    raise ValueError(f"SparseAdam: the gradient of {where} is on device "
-                                     f"'{g.device}'; fastadam steps CPU tensors only")
-                table, ids, vals = V.sparse_operands("SparseAdam", p, g, where)
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    if group.get("state_dtype") == _plan.Q8 and V.q8_rows_eligible(p):
-                        state.update(V.new_q8_rows(p, tuple(table.shape)))
-                    else:
-                        state.update(V.new_state(p, ("exp_avg", "exp_avg_sq")))
-                elif type(state["step"]) is not int:
-                    _int_step(state, gi, i)
-                if "exp_avg_absmax" in state:        # 8-bit row state: no cached views
-                    V.check_q8_rows("SparseAdam", state, p, tuple(table.shape), where)
-                    views = (table.numpy(), ids.numpy(), vals.detach().numpy()) + \
-                        V.q8_row_views(state, tuple(table.shape))
-                    work.append((group, state, views, p))
-                    continue
-                for k in ("exp_avg", "exp_avg_sq"):
-                    t = state[k]
-                    if t.shape != p.shape or t.dtype != p.dtype or not t.is_contiguous():
-                        state[k] = t = t.to(dtype=p.dtype).contiguous()
-                        if t.shape != p.shape:
-                            raise ValueError(f"SparseAdam: state '{k}' of {where} has shape "
-                                             f"{tuple(t.shape)}, expected {tuple(p.shape)}")
-                views = (V.np_view(table), ids.numpy(), V.grad_rows(vals).detach().numpy(),
-                         V.np_view(state["exp_avg"].view(table.shape)),
-                         V.np_view(state["exp_avg_sq"].view(table.shape)))
-                if g.sparse_dim() == 1:
-                    cache[p] = V.SViews(state["exp_avg"], state["exp_avg_sq"], p.data_ptr(),
-                                       p.dtype, p.shape, views[0], views[3], views[4],
-                                       V.state_ptrs(state["exp_avg"], state["exp_avg_sq"]))
-                work.append((group, state, views, p))
+                self._checked_param(gi, i, group, p, g, cache, work)
         n_threads = self.n_threads
         if len(work) == 1:
             # One table: sparse_adam_step validates everything before it writes (the
@@ -240,6 +213,51 @@ class SparseAdam(Stepper, Optimizer):
             state["step"] = int(state["step"]) + 1
         V.bump_versions([p for _, _, _, p in work])
         return loss
+
+
+    @torch.no_grad()
+    def _checked_param(self, gi, i, group, p, g, cache, work):
+        """The checked path of one parameter (its views cached for the fast path)."""
+        where = f"parameter {i} of param group {gi}"
+        if not g.is_sparse:
+            raise RuntimeError("SparseAdam does not support dense gradients, please "
+                               "consider Adam instead")
+        V.check_param("SparseAdam", p, where)
+        if g.device.type != "cpu":
+            raise ValueError(f"SparseAdam: the gradient of {where} is on device "
+                             f"'{g.device}'; fastadam steps CPU tensors only")
+        table, ids, vals = V.sparse_operands("SparseAdam", p, g, where)
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            if group.get("state_dtype") == _plan.Q8 and V.q8_rows_eligible(p):
+                state.update(V.new_q8_rows(p, tuple(table.shape)))
+            else:
+                state.update(V.new_state(p, ("exp_avg", "exp_avg_sq")))
+        elif type(state["step"]) is not int:
+            _int_step(state, gi, i)
+        if "exp_avg_absmax" in state:        # 8-bit row state: no cached views
+            V.check_q8_rows("SparseAdam", state, p, tuple(table.shape), where)
+            views = (table.numpy(), ids.numpy(), vals.detach().numpy()) + \
+                V.q8_row_views(state, tuple(table.shape))
+            work.append((group, state, views, p))
+            return
+        for k in ("exp_avg", "exp_avg_sq"):
+            t = state[k]
+            if t.shape != p.shape or t.dtype != p.dtype or not t.is_contiguous():
+                state[k] = t = t.to(dtype=p.dtype).contiguous()
+                if t.shape != p.shape:
+                    raise ValueError(f"SparseAdam: state '{k}' of {where} has shape "
+                                     f"{tuple(t.shape)}, expected {tuple(p.shape)}")
+        views = (V.np_view(table), ids.numpy(), V.grad_rows(vals).detach().numpy(),
+                 V.np_view(state["exp_avg"].view(table.shape)),
+                 V.np_view(state["exp_avg_sq"].view(table.shape)))
+        if g.sparse_dim() == 1:
+            cache[p] = V.SViews(state["exp_avg"], state["exp_avg_sq"], p.data_ptr(),
+                               p.dtype, p.shape, views[0], views[3], views[4],
+                               V.state_ptrs(state["exp_avg"], state["exp_avg_sq"]),
+                               views[0][:0])
+        work.append((group, state, views, p))
 
 
 def _kwargs(group, state, n_threads):

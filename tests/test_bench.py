@@ -75,6 +75,9 @@ def test_smoke_writes_json(smoke):
     tr = [r for r in recs if r["scenario"] == "train"]
     assert {"fastadam.torch", "fastadam.torch-in-backward", "torch-fused"} <= {
         r["impl"] for r in tr}
+    # minor page faults per step, counted per implementation (Linux: getrusage)
+    assert all(isinstance(r["faults_per_step"], float) and r["faults_per_step"] >= 0
+               for r in tr)
     mem = {r["impl"]: r for r in recs if r["scenario"] == "backward-memory"}
     assert set(mem) == {"fastadam.torch usual", "fastadam.torch in-backward"}
     # at the smoke's size (1 MB of gradients) the in-backward peak can round to 0 pages (Linux

@@ -331,11 +331,14 @@ def tables(result):
         fused = {r["impl"]: r for r in rs}.get("torch-fused")
         rows = [[r["impl"], ("~" if disturbed(r) else "") + f"{r['median_s'] * 1e3:.3f}",
                  f"{r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f}",
-                 f"{fused['median_s'] / r['median_s']:.2f}x" if fused else "-"] for r in rs]
+                 f"{fused['median_s'] / r['median_s']:.2f}x" if fused else "-",
+                 f"{r['faults_per_step']:.0f}" if "faults_per_step" in r else "-"]
+                for r in rs]
         out.append((f"Training step (forward + backward + AdamW): {key[0]} "
                     f"({rs[0]['arrays']} tensors, {rs[0]['n'] / 1e6:.3g}M params), {key[1]}, "
                     f"{_thr(key[2])}",
-                    _table(["impl", "ms/step", "min-max", "speedup vs torch-fused"], rows)))
+                    _table(["impl", "ms/step", "min-max", "speedup vs torch-fused",
+                            "page faults/step"], rows)))
     mem = [r for r in recs if r["scenario"] == "backward-memory"]
     if mem:
         rows = [[r["impl"], f"{r['extra_peak_mib']:.1f}", f"{r['grad_mib']:.1f}",

@@ -170,14 +170,12 @@ class SparseAdam(Stepper, Optimizer):
                         ix = g._indices()
                         vals = g._values()
                         if ix.is_contiguous() and vals.is_contiguous():
-                            ids = vn = None
-                            if c.dtype is not _BF16:
-                                nnz = vals.shape[0]
-                                vp, ip = vals.data_ptr(), ix.data_ptr()
-                                if nnz == ix.shape[1] and vp and ip:
-                                    vn = _runtime.view_at(vp, c.vlike, vals, nnz)
-                                    ids = _runtime.view_at(ip, _IDS_LIKE, ix, nnz)
-                            if vn is None:   # bfloat16 rows widened, or no rows
+                            nnz = vals.shape[0]
+                            vp, ip = vals.data_ptr(), ix.data_ptr()
+                            if c.dtype is not _BF16 and nnz == ix.shape[1] and vp and ip:
+                                vn = _runtime.view_at(vp, c.vlike, vals, nnz)
+                                ids = _runtime.view_at(ip, _IDS_LIKE, ix, nnz)
+                            else:            # bfloat16 rows widened, or no rows
                                 vals = vals.detach()
                                 vn = (vals.float() if c.dtype is _BF16 else vals).numpy()
                                 vn = vn.reshape(vn.shape[0], c.table_np.shape[1])

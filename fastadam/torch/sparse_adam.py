@@ -212,7 +212,6 @@ class SparseAdam(Stepper, Optimizer):
         V.bump_versions([p for _, _, _, p in work])
         return loss
 
-
     @torch.no_grad()
     def _checked_param(self, gi, i, group, p, g, cache, work):
         """The checked path of one parameter (its views cached for the fast path)."""

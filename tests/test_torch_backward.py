@@ -176,7 +176,6 @@ def test_deferred_small_parameters_step_when_backward_ends_and_after_a_failed_on
     parameters unstepped, and the next backward steps every parameter once."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.Linear(300, 4))
     sib = fat.step_in_backward(model, lr=1e-2, defer_below=1000)   # biases deferred
-    steps = {}
 
     def count():
         return {n: float(sib.optimizers[p].state[p]["step"]) if p in sib.optimizers[p].state

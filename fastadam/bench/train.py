@@ -23,6 +23,11 @@ import subprocess
 import sys
 from typing import Any
 
+try:
+    import resource
+except ImportError:   # not on this OS: page faults are not counted (0)
+    resource = None  # type: ignore[assignment]
+
 from . import peers as P
 
 __all__ = ["TRAIN_MODELS", "train_scenario", "memory_scenario"]
@@ -130,11 +135,7 @@ TRAIN = {
 
 
 def _minor_faults():
-    try:
-        import resource
-    except ImportError:       # not on this OS: no count
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _count_faults(step, acc):

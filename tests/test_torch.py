@@ -734,6 +734,34 @@ def test_sparse_adam_rejected_step_on_cached_views_writes_nothing():
     assert st["step"] == 2 and e.weight in opt._fa_views
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_adam_bad_id_in_a_later_group_on_cached_views_writes_nothing(dtype):
+    """Two tables in two groups, both on the by-address fast path (third step); a bad
+    id in the SECOND group's gradient is rejected and neither table, nor any state
+    value, nor any step count changes."""
+    torch.manual_seed(3)
+    ea = torch.nn.Embedding(30, 4, sparse=True).to(dtype)
+    eb = torch.nn.Embedding(20, 8, sparse=True).to(dtype)
+    opt = fat.SparseAdam([{"params": ea.parameters()}, {"params": eb.parameters(), "lr": 0.05}],
+                         lr=1e-2)
+    for ids in (torch.tensor([1, 5, 1]), torch.tensor([2, 7]), torch.tensor([0, 3, 3])):
+        opt.zero_grad()
+        (ea(ids).sum() + eb(ids).sum()).backward()
+        opt.step()
+    assert ea.weight in opt._fa_views and eb.weight in opt._fa_views
+    bufs = [t for e in (ea, eb) for t in (e.weight, opt.state[e.weight]["exp_avg"],
+                                          opt.state[e.weight]["exp_avg_sq"])]
+    before = [t.detach().clone() for t in bufs]
+    opt.zero_grad()
+    ea(torch.tensor([4, 6])).sum().backward()           # a good gradient in group 0
+    eb.weight.grad = torch.sparse_coo_tensor(torch.tensor([[3, 20]]), torch.ones(2, 8, dtype=dtype),
+                                             (20, 8), check_invariants=False)
+    with pytest.raises(IndexError, match=r"indices\[1\] = 20"):
+        opt.step()
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(bufs, before))
+    assert opt.state[ea.weight]["step"] == opt.state[eb.weight]["step"] == 3
+
+
 def test_amsgrad_switched_on_later_creates_its_state():
     p = torch.nn.Parameter(torch.randn(16))
     opt = fat.Adam([p], lr=1e-2)

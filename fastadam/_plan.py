@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _dispatch
 from . import _interface as I
-from ._validate import KERNEL_DTYPES, numpy_dtype  # noqa: F401  (re-exported)
+from ._validate import KERNEL_DTYPES, SCAN_DTYPES, numpy_dtype  # noqa: F401  (re-exported)
 
 __all__ = ["Kernels", "KERNELS", "hyper_args", "with_step", "dense_step_scalars",
            "sparse_neg_step_size", "state_dtype", "torch_vector_bytes", "VECTOR_BYTES",
@@ -102,12 +102,12 @@ class Kernels:
         self.module = module
         self._by_key = {key: getattr(module, name) for key, name in _NAMES.items()}
         self._norm = {np.dtype(d): getattr(module, name) for d, name in I.NORM_KERNELS.items()}
-        # the homogeneous float32 (0) / float64 (1) combinations the native
-        # scans recognise, by (op, code): the fast path's lookup
-        homogeneous: tuple[np.dtype, np.dtype] = (np.dtype("float32"), np.dtype("float64"))
-        self._scanned = {(op, code): self._by_key[(op, dt, dt, dt)]
-                         for op in I.OPS for code, dt in enumerate(homogeneous)
-                         if (op, dt, dt, dt) in self._by_key}
+        # every combination of scan dtypes with a kernel, by (op, code of
+        # ``_runtime.dense_scan``): the fast path's lookup
+        idx = {dt: i for i, dt in enumerate(SCAN_DTYPES)}
+        self._scanned = {(key[0], idx[key[1]] + 8 * idx[key[2]] + 64 * idx[key[3]]): fn
+                         for key, fn in self._by_key.items()
+                         if len(key) == 4 and all(d in idx for d in key[1:])}
 
     def get(self, op, param, grad, state, names=("param", "grad", "exp_avg"), copy=None):
         """The kernel of ``op`` for these dtypes (``np.dtype``), or a TypeError.
@@ -137,10 +137,15 @@ class Kernels:
                         f"{names[1]} {grad}, {names[2]} {state}; supported (param, grad, "
                         f"state): {have}")
 
+    def has(self, op, param, grad, state):
+        """Whether ``op`` has a kernel for these dtypes."""
+        return (op, param, grad, state) in self._by_key
+
     def scanned(self, op, code):
-        """The kernel of ``op`` for a native scan's result ``code`` (0: all
-        float32, 1: all float64)."""
-        return self._scanned[(op, code)]
+        """The kernel of ``op`` for a native scan's result ``code`` (the
+        indices of the param, grad and state dtypes in ``SCAN_DTYPES``:
+        ``ip + 8 * ig + 64 * is``), or None where there is none."""
+        return self._scanned.get((op, code))
 
     def norm(self, grad):
         """The sum-of-squares kernel for gradients of dtype ``grad``."""

@@ -175,39 +175,74 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
+# The dtypes (numpy type numbers) the native scans accept, in code order
+# (``set_scan_types``; float32 and float64 until then).
+cdef int _scan_nums[8]
+cdef int _scan_n = 2
+_scan_nums[0] = cnp.NPY_FLOAT32
+_scan_nums[1] = cnp.NPY_FLOAT64
+
+
+def set_scan_types(tuple typenums):
+    """Set the dtypes the native scans accept: numpy type numbers (at most
+    8), whose positions are the indices in the scans' codes. Called once by
+    ``fastadam._validate`` with the kernel dtypes numpy can name (float32,
+    float64, bfloat16 where ml_dtypes is installed, float16)."""
+    global _scan_n
+    cdef Py_ssize_t i, n = len(typenums)
+    if not 1 <= n <= 8:
+        raise ValueError(f"set_scan_types: 1 to 8 type numbers, got {n}")
+    for i in range(n):
+        _scan_nums[i] = <int>typenums[i]
+    _scan_n = <int>n
+
+
+cdef inline int _scan_index(int typenum) noexcept:
+    cdef int i
+    for i in range(_scan_n):
+        if _scan_nums[i] == typenum:
+            return i
+    return -1
+
+
 def dense_scan(object param, object grad, object exp_avg, object exp_avg_sq,
                object max_exp_avg_sq):
     """Fast path of the single-buffer validation (``functional._plan_single``):
-    0 (float32) or 1 (float64) when every buffer is fine, else -1 and the
-    caller explains the problem with the Python checks.
+    when every buffer is fine, the code ``ip + 8 * ig + 64 * iss`` of the
+    param's, grad's and state's dtypes (their indices among the scan types,
+    ``set_scan_types``: 0 for all-float32), else -1 and the caller explains
+    the problem with the Python checks. Whether a kernel exists for the
+    combination is the caller's lookup (no kernel: the Python checks too).
 
-    Fine: ndarrays of one native float32/float64 dtype and one shape,
-    C-contiguous and aligned, all but ``grad`` writable, ``max_exp_avg_sq``
-    None or like ``exp_avg_sq``, and no two of them sharing memory.
+    Fine: ndarrays of scan-type dtypes in native byte order, one shape,
+    C-contiguous and aligned, all but ``grad`` writable, ``exp_avg_sq`` and
+    ``max_exp_avg_sq`` (None or an array) of ``exp_avg``'s dtype, and no two
+    of them sharing memory.
     """
     cdef cnp.ndarray p, g, m, v, vm
-    cdef int typenum
+    cdef int tp, tg, ts, ip, ig, iss
     if not (cnp.PyArray_Check(param) and cnp.PyArray_Check(grad)
             and cnp.PyArray_Check(exp_avg) and cnp.PyArray_Check(exp_avg_sq)):
         return -1
     p, g, m, v = <cnp.ndarray>param, <cnp.ndarray>grad, <cnp.ndarray>exp_avg, \
         <cnp.ndarray>exp_avg_sq
-    typenum = cnp.PyArray_TYPE(p)
-    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+    tp, tg, ts = cnp.PyArray_TYPE(p), cnp.PyArray_TYPE(g), cnp.PyArray_TYPE(m)
+    ip, ig, iss = _scan_index(tp), _scan_index(tg), _scan_index(ts)
+    if ip < 0 or ig < 0 or iss < 0:
         return -1
-    if not (_ok_float(p, typenum, True) and _ok_float(g, typenum, False)
-            and _ok_float(m, typenum, True) and _ok_float(v, typenum, True)
+    if not (_ok_float(p, tp, True) and _ok_float(g, tg, False)
+            and _ok_float(m, ts, True) and _ok_float(v, ts, True)
             and _same_shape(g, p) and _same_shape(m, p) and _same_shape(v, p)):
         return -1
     if max_exp_avg_sq is not None:
         if not cnp.PyArray_Check(max_exp_avg_sq):
             return -1
         vm = <cnp.ndarray>max_exp_avg_sq
-        if not (_ok_float(vm, typenum, True) and _same_shape(vm, p)):
+        if not (_ok_float(vm, ts, True) and _same_shape(vm, p)):
             return -1
     if first_overlap((p, m, v, max_exp_avg_sq, g)) is not None:
         return -1
-    return 1 if typenum == cnp.NPY_FLOAT64 else 0
+    return ip + 8 * ig + 64 * iss
 
 
 def sparse_scan(object table, object indices, object grad_rows, object exp_avg,
@@ -250,21 +285,23 @@ def sparse_scan(object table, object indices, object grad_rows, object exp_avg,
 
 
 def scan_lists(list params, list grads, list exp_avgs, list exp_avg_sqs, object vmaxs,
-               int64_t[:, ::1] ptrs, int64_t[::1] sizes, signed char[::1] is64):
+               int64_t[:, ::1] ptrs, int64_t[::1] sizes, signed char[::1] key_of):
     """Fast path of the multi-array validation: returns -1 when every entry is
     fine (and fills ``ptrs[j, i]`` with the data pointers of list j, ``sizes``
-    and ``is64``), else the index of the first entry that is not; the caller
-    then explains that entry with the Python checks (``fastadam._validate``).
+    and ``key_of``: the index of the entry's dtype among the scan types,
+    ``set_scan_types``), else the index of the first entry that is not; the
+    caller then explains that entry with the Python checks
+    (``fastadam._validate``).
 
     An entry is fine when all its buffers are ndarrays of the param's dtype
-    (native float32/float64), aligned, C-contiguous, of the param's shape, and all but
-    the grad writable.
+    (a scan type, native byte order), aligned, C-contiguous, of the param's
+    shape, and all but the grad writable.
     """
     cdef Py_ssize_t i, j, n = len(params)
     cdef list lists = [params, grads, exp_avgs, exp_avg_sqs]
     cdef object o
     cdef cnp.ndarray p, a
-    cdef int typenum, nl = 4
+    cdef int typenum, code, nl = 4
     if vmaxs is not None:
         lists.append(vmaxs)
         nl = 5
@@ -274,7 +311,8 @@ def scan_lists(list params, list grads, list exp_avgs, list exp_avg_sqs, object 
             return i
         p = <cnp.ndarray>o
         typenum = cnp.PyArray_TYPE(p)
-        if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        code = _scan_index(typenum)
+        if code < 0:
             return i
         for j in range(nl):
             o = (<list>lists[j])[i]
@@ -285,7 +323,7 @@ def scan_lists(list params, list grads, list exp_avgs, list exp_avg_sqs, object 
                 return i
             ptrs[j, i] = <int64_t><intptr_t>cnp.PyArray_DATA(a)
         sizes[i] = cnp.PyArray_SIZE(p)
-        is64[i] = typenum == cnp.NPY_FLOAT64
+        key_of[i] = <signed char>code
     return -1
 
 

@@ -21,6 +21,7 @@ from ._validate import (
     F32,
     F64,
     MAX_STEP,
+    SCAN_DTYPES,
     check_bool,
     check_buffer,
     check_grad_scale,
@@ -51,8 +52,12 @@ Plan = list[tuple[Callable[..., Any], tuple[Any, ...]]]
 _SINGLE_NAMES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
 _LIST_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
-# the dtype combinations the native list scan recognises (its ``is64`` flag)
+# the dtype combinations ``_runtime.sparse_scan`` recognises (its result)
 _SCAN_KEYS = ((F32, F32, F32), (F64, F64, F64))
+# ``_runtime.scan_lists`` accepts entries of one dtype, any of SCAN_DTYPES
+# (``key_of``: its index there): those keys and their item sizes
+_LIST_KEYS = [(dt, dt, dt) for dt in SCAN_DTYPES]
+_LIST_ITEMSIZE = np.array([dt.itemsize for dt in SCAN_DTYPES], dtype=np.int64)
 
 
 def _kernels():
@@ -164,9 +169,9 @@ def _plan_single(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
     extra = _extra_kind(param_copy, stochastic_rounding, copy_name)
     fast = -1 if extra else _runtime.dense_scan(param, grad, exp_avg, exp_avg_sq,
                                                 max_exp_avg_sq)
-    if fast >= 0:      # the usual call, checked natively in one go
-        pdt = _SCAN_KEYS[fast][0]
-        kernel = _kernels().scanned(op, fast)
+    kernel = _kernels().scanned(op, fast) if fast >= 0 else None
+    if kernel is not None:      # the usual call, checked natively in one go
+        pdt = SCAN_DTYPES[fast & 7]
     else:              # anything else: the Python checks word the error
         pdt, kernel = _check_single(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, names,
                                     _extra_op(op, extra), param_copy, copy_name)
@@ -416,9 +421,12 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     ptrs = np.empty((5, n), dtype=np.int64)
     sizes = np.empty(n, dtype=np.int64)
     key_of = np.empty(n, dtype=np.int8)
-    keys = list(_SCAN_KEYS)
+    keys = _LIST_KEYS
     bad = 0 if extra else _runtime.scan_lists(params, grads, exp_avgs, exp_avg_sqs, vmaxs, ptrs,
                                               sizes, key_of)
+    if bad < 0 and n and not all(_kernels().has(f"{_op}_multi", *keys[c])
+                                 for c in np.unique(key_of)):
+        bad = 0     # a dtype without this op's kernel: the Python checks word the error
     if bad >= 0:
         # not the homogeneous fast case: check every entry in Python (this
         # raises the precise error, or accepts a mixed-dtype combination)
@@ -436,7 +444,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     nl = len(lists)
     span = np.empty((nl, n), dtype=np.int64)      # bytes of every buffer
     if bad < 0:
-        span[...] = sizes * np.where(key_of != 0, 8, 4)  # (np.tile leaks in numpy 2.4)
+        span[...] = sizes * _LIST_ITEMSIZE[key_of]  # (np.tile leaks in numpy 2.4)
     else:
         for j, lst in enumerate(lists):
             span[j] = [a.nbytes for a in lst]

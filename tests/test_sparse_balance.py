@@ -55,14 +55,18 @@ def test_stall_back_off_runs_serially_with_the_same_bits():
 
 @pytest.mark.parametrize("distance", [0, 1, 24])
 def test_prefetch_distance_changes_no_bit(distance):
-    old = K.sparse_tune()
+    old, old_g = K.sparse_tune(), K.sparse_grad_prefetch()
     ref = _steps(2)
     try:
         K.sparse_tune(distance)
         assert K.sparse_tune() == distance
         assert _steps(2) == ref
+        K.sparse_tune(-1, distance)            # the repeated rows' gradient prefetch
+        assert K.sparse_grad_prefetch() == distance and K.sparse_tune() == distance
+        assert _steps(2) == ref
     finally:
-        K.sparse_tune(old)
+        K.sparse_tune(old, old_g)
+    assert (K.sparse_tune(), K.sparse_grad_prefetch()) == (old, old_g)
 
 
 def test_unique_ids_independent_of_bucket_layout():

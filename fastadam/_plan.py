@@ -108,6 +108,11 @@ class Kernels:
         self._scanned = {(key[0], idx[key[1]] + 8 * idx[key[2]] + 64 * idx[key[3]]): fn
                          for key, fn in self._by_key.items()
                          if len(key) == 4 and all(d in idx for d in key[1:])}
+        # ops with a kernel for every one-dtype combination of scan dtypes
+        # (what ``_runtime.scan_lists`` accepts)
+        self._homogeneous = frozenset(
+            op for op in {k[0] for k in self._by_key}
+            if all((op, dt, dt, dt) in self._by_key for dt in SCAN_DTYPES))
 
     def get(self, op, param, grad, state, names=("param", "grad", "exp_avg"), copy=None):
         """The kernel of ``op`` for these dtypes (``np.dtype``), or a TypeError.
@@ -140,6 +145,11 @@ class Kernels:
     def has(self, op, param, grad, state):
         """Whether ``op`` has a kernel for these dtypes."""
         return (op, param, grad, state) in self._by_key
+
+    def homogeneous(self, op):
+        """Whether ``op`` has a kernel for every scan dtype used throughout
+        (param, grad and state of one dtype)."""
+        return op in self._homogeneous
 
     def scanned(self, op, code):
         """The kernel of ``op`` for a native scan's result ``code`` (the

@@ -38,10 +38,6 @@ _DTYPES = {dt: dt for dt in KERNEL_DTYPES.values()}
 SCAN_DTYPES = tuple(KERNEL_DTYPES.values())
 _runtime.set_scan_types(tuple(dt.num for dt in SCAN_DTYPES))
 
-
-def scan_code_dtypes(code):
-    """The (param, grad, state) dtypes of a ``_runtime.dense_scan`` code."""
-    return SCAN_DTYPES[code & 7], SCAN_DTYPES[(code >> 3) & 7], SCAN_DTYPES[code >> 6]
 _names = list(KERNEL_DTYPES)
 _DTYPE_LIST = ", ".join(_names[:-1]) + " or " + _names[-1]
 

@@ -424,9 +424,8 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     keys = _LIST_KEYS
     bad = 0 if extra else _runtime.scan_lists(params, grads, exp_avgs, exp_avg_sqs, vmaxs, ptrs,
                                               sizes, key_of)
-    if bad < 0 and n and not all(_kernels().has(f"{_op}_multi", *keys[c])
-                                 for c in np.unique(key_of)):
-        bad = 0     # a dtype without this op's kernel: the Python checks word the error
+    if bad < 0 and not _kernels().homogeneous(f"{_op}_multi"):
+        bad = 0     # a dtype may lack this op's kernel: the Python checks word the error
     if bad >= 0:
         # not the homogeneous fast case: check every entry in Python (this
         # raises the precise error, or accepts a mixed-dtype combination)

@@ -145,3 +145,9 @@ def test_set_scan_types_bounds():
         _runtime.set_scan_types(())
     with pytest.raises(ValueError, match="1 to 8"):
         _runtime.set_scan_types(tuple(range(9)))
+
+
+def test_every_scan_dtype_has_the_list_kernel():
+    # plan_adam trusts scan_lists' one-dtype entries only where this holds
+    assert _plan.KERNELS.homogeneous("adam_multi")
+    assert not _plan.KERNELS.homogeneous("adam_q8_multi")

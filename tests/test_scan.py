@@ -151,3 +151,17 @@ def test_every_scan_dtype_has_the_list_kernel():
     # plan_adam trusts scan_lists' one-dtype entries only where this holds
     assert _plan.KERNELS.homogeneous("adam_multi")
     assert not _plan.KERNELS.homogeneous("adam_q8_multi")
+
+
+@pytest.mark.parametrize("dt", [d for d in DTS if d.itemsize == 2], ids=lambda d: d.name)
+def test_optimizer_bad_lr_in_a_later_group_writes_nothing(dt):
+    # fastadam.Adam plans both 16-bit groups (native scan) before running either
+    ps = [_bufs(dt, dt, dt, n=n, seed=i)[0] for i, n in enumerate((40, 300, 7))]
+    gs = [_bufs(dt, dt, dt, n=p.size, seed=9 + i)[1] for i, p in enumerate(ps)]
+    opt = fa.AdamW([{"params": ps[:2]}, {"params": ps[2:], "lr": 1e-2}], lr=1e-3)
+    opt.step(gs)
+    state = [a for st in opt.state.values() for a in (st["exp_avg"], st["exp_avg_sq"])]
+    steps = [st["step"] for st in opt.state.values()]
+    opt.param_groups[1]["lr"] = -1.0
+    assert_rejected(ValueError, "lr", ps + state, opt.step, gs)
+    assert [st["step"] for st in opt.state.values()] == steps

@@ -28,8 +28,9 @@ IDS = [[1, 5, 1, 7], [2, 7, 7, 19], [0, 3, 12]]
 
 def _bytes(x):
     if isinstance(x, torch.Tensor):
-        x = x.detach()
-        return x.dtype, tuple(x.shape), x.contiguous().numpy().tobytes()
+        x = x.detach().contiguous()
+        bits = x.view(torch.int16) if x.dtype == torch.bfloat16 else x   # numpy has no bf16
+        return x.dtype, tuple(x.shape), bits.numpy().tobytes()
     return (type(x), x)
 
 
@@ -92,11 +93,12 @@ def _spoil_group(gi, key, bad):
 
 # -- dense: Adam, AdamW ------------------------------------------------------------------------
 
-def _dense_build(cls, amsgrad):
+def _dense_build(cls, amsgrad, dtype=torch.float32):
     def build():
         g = torch.Generator().manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(16,), (4, 4), (8,)]]
-        ps.append(torch.nn.Parameter(torch.randn(6, 4, generator=g).t()))  # permuted layout
+        ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype))
+              for s in [(16,), (4, 4), (8,)]]
+        ps.append(torch.nn.Parameter(torch.randn(6, 4, generator=g).to(dtype).t()))  # permuted
         opt = getattr(fat, cls)([{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3}],
                                 lr=1e-2, amsgrad=amsgrad, weight_decay=0.01)
         return ps, opt
@@ -106,7 +108,7 @@ def _dense_build(cls, amsgrad):
 def _dense_grads(ps, seed):
     g = torch.Generator().manual_seed(100 + seed)
     for p in ps:
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["first_step", "later_step"])
@@ -116,6 +118,16 @@ def _dense_grads(ps, seed):
 def test_dense_bad_hyper_in_later_group_writes_nothing(cls, key, bad, match, amsgrad, warm):
     _run_case(_dense_build(cls, amsgrad), _dense_grads, _spoil_group(1, key, bad), ValueError,
               match, warm)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first_step", "later_step"])
+@pytest.mark.parametrize("key,bad,match", BAD_DENSE[:3],
+                         ids=[f"{k}={v}" for k, v, _ in BAD_DENSE[:3]])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dense_16bit_bad_hyper_in_later_group_writes_nothing(dtype, key, bad, match, warm):
+    # 16-bit params take the native validation path too (all-16-bit kernels)
+    _run_case(_dense_build("AdamW", False, dtype), _dense_grads, _spoil_group(1, key, bad),
+              ValueError, match, warm)
 
 
 # -- SparseAdam ----------------------------------------------------------------------------------

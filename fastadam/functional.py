@@ -56,7 +56,7 @@ _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _SCAN_KEYS = ((F32, F32, F32), (F64, F64, F64))
 # ``_runtime.scan_lists`` accepts entries of one dtype, any of SCAN_DTYPES
 # (``key_of``: its index there): those keys and their item sizes
-_LIST_KEYS = [(dt, dt, dt) for dt in SCAN_DTYPES]
+_LIST_KEYS = tuple((dt, dt, dt) for dt in SCAN_DTYPES)
 _LIST_ITEMSIZE = np.array([dt.itemsize for dt in SCAN_DTYPES], dtype=np.int64)
 
 
@@ -424,7 +424,8 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
     keys = _LIST_KEYS
     bad = 0 if extra else _runtime.scan_lists(params, grads, exp_avgs, exp_avg_sqs, vmaxs, ptrs,
                                               sizes, key_of)
-    if bad < 0 and not _kernels().homogeneous(f"{_op}_multi"):
+    mop = f"{_op}_multi"
+    if bad < 0 and not _kernels().homogeneous(mop):
         bad = 0     # a dtype may lack this op's kernel: the Python checks word the error
     if bad >= 0:
         # not the homogeneous fast case: check every entry in Python (this
@@ -488,7 +489,7 @@ def plan_adam(params: Sequence[Array], grads: Sequence[Array], exp_avgs: Sequenc
         offsets = np.zeros(len(sz) + 1, dtype=np.int64)
         np.cumsum(sz, out=offsets[1:])
         nt = _threads.resolve(nt_arg, int(offsets[-1]) * (_threads.FP64_COST if pdt is F64 else 1))
-        kernel = _kernels().get(_extra_op(f"{_op}_multi", extra), pdt, gdt, sdt, copy=cdt)
+        kernel = _kernels().get(_extra_op(mop, extra), pdt, gdt, sdt, copy=cdt)
         tail = ((np.ascontiguousarray(p_[nl - 1]),) if extra == "copy"
                 else (np.ascontiguousarray(sr_all[mask]),) if extra == "sr" else ())
         plan.append((kernel, (p_[0], p_[1], p_[2], p_[3],

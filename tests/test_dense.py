@@ -212,3 +212,24 @@ def test_multi_array_kernel_bitwise_across_isa_modules(dtype, use_isa):
             assert_bitwise(b, e, f"{isa} x{nt}")
     # and it moved every array
     assert not np.array_equal(results[0][2][0][0], make_state(1, dtype, seed=1)[0])
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 20, 64 << 20])
+def test_thread_split_changes_no_bit(dtype, limit):
+    """The fixed/dynamic work split (``dense_tune``) decides only which thread takes
+    which chunk: the same bits on one thread, two threads fixed, two dynamic."""
+    from fastadam import _plan
+    K = _plan.KERNELS.module
+    n = 2**18 + 7
+    kw = _kw(PLAIN)
+    one = make_state(n, dtype)
+    _steps(one, kw, 2, n_threads=1)
+    old = K.dense_tune()
+    try:
+        assert K.dense_tune(limit) == limit
+        two = make_state(n, dtype)
+        _steps(two, kw, 2, n_threads=2)
+    finally:
+        K.dense_tune(old)
+    assert K.dense_tune() == old
+    assert_bitwise(two, one, f"2 threads, fixed split up to {limit} B vs 1 thread")
